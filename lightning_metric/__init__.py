@@ -1,0 +1,7 @@
+"""lightning-metric: PyTorch Lightning training recipes for deep metric learning."""
+
+from . import distances, losses, regularizers
+
+__version__ = "0.1.0"
+
+__all__ = ["distances", "losses", "regularizers"]

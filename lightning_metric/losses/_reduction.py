@@ -1,0 +1,69 @@
+"""Reducers: how per-element, per-pair or per-triplet losses become one scalar.
+
+A loss computes a dict of named :class:`SubLoss` terms (its main loss and any
+regularizer); each term is reduced with the loss's reducer and the results are
+summed. Empty terms give a connected zero, so backpropagation still reaches
+the embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+REDUCERS = ("mean", "avg_non_zero", "sum")
+
+
+@dataclass
+class SubLoss:
+    """Losses to reduce: ``values`` of shape ``(n,)``, or a 0-d tensor when ``reduced``."""
+
+    values: Tensor
+    reduced: bool = False
+
+
+def check_reducer(reducer: str) -> str:
+    if reducer not in REDUCERS:
+        raise ValueError(f"unknown reducer {reducer!r}: expected one of {list(REDUCERS)}")
+    return reducer
+
+
+def reduce(values: Tensor, reducer: str, zero: Tensor) -> Tensor:
+    """One scalar from ``values`` ``(n,)``; ``zero`` (a connected zero) when nothing counts.
+
+    - ``mean``: the mean of all values;
+    - ``avg_non_zero``: the mean of the values above 0 (PML's AvgNonZeroReducer);
+    - ``sum``: the sum.
+    """
+    if reducer == "avg_non_zero":
+        values = values[values > 0]
+    if values.numel() == 0:
+        return zero
+    if reducer == "sum":
+        return values.sum()
+    return values.mean()
+
+
+def reduce_all(terms: dict[str, SubLoss], reducer: str, zero: Tensor) -> Tensor:
+    """The sum over terms of each term reduced with ``reducer``."""
+    total = zero
+    for term in terms.values():
+        total = total + (term.values if term.reduced else reduce(term.values, reducer, zero))
+    return total
+
+
+def connected_zero(*tensors: Tensor | None) -> Tensor:
+    """``0`` that depends on every given tensor, so gradients (of zero) reach all of them."""
+    present = [t for t in tensors if t is not None]
+    zero = (present[0] * 0).sum()
+    for tensor in present[1:]:
+        zero = zero + (tensor * 0).sum().to(zero.dtype)
+    return zero
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[mask]`` computed without indexing (0 when the mask is empty)."""
+    count = mask.sum()
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / count.clamp(min=1)
