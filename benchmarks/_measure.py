@@ -1,0 +1,67 @@
+"""Time and peak memory of one callable, in a process of its own.
+
+Peak memory on the CPU is the growth of the process's peak resident set size
+(``ru_maxrss``) over its size just before the measured calls; on CUDA it is
+``torch.cuda.max_memory_allocated`` over the allocation before them.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: float = 8.0):
+    """``(median seconds, peak MB)`` of ``step()`` (one warm-up run excluded from the times)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = current_rss_mb()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs + 1 and (len(times) < 2 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20 - base
+    else:
+        peak = peak_rss_mb() - base
+    return statistics.median(times[1:]), max(peak, 0.0)
+
+
+def run_isolated(module: str, args: list[str], timeout: float) -> dict | None:
+    """Run ``python -m module args`` and parse the JSON line it prints; None on failure."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return {"error": tail[0][:120]}
+    return json.loads(lines[-1])
