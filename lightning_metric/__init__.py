@@ -1,7 +1,7 @@
 """lightning-metric: PyTorch Lightning training recipes for deep metric learning."""
 
-from . import distances, losses, regularizers
+from . import distances, losses, miners, regularizers, samplers
 
 __version__ = "0.1.0"
 
-__all__ = ["distances", "losses", "regularizers"]
+__all__ = ["distances", "losses", "miners", "regularizers", "samplers"]
