@@ -1,0 +1,169 @@
+"""Batch samplers: class-balanced (P classes x K items) and random.
+
+Both are ``torch.utils.data.Sampler`` objects that yield lists of dataset
+indices (pass them as ``batch_sampler=``). Randomness comes from a
+``torch.Generator`` seeded from ``(seed, epoch)``, never from the process-wide
+generator, so a run is reproducible; call :meth:`set_epoch` every epoch (the
+DataModules do). Under DDP every rank draws the same global sequence of
+batches and takes every ``num_replicas``-th one from offset ``rank``, so ranks
+never see the same batch.
+
+Example::
+
+    >>> sampler = ClassBalancedBatchSampler(labels, batch_size=32, m_per_class=4)
+    >>> loader = DataLoader(dataset, batch_sampler=sampler)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A generator for one epoch, independent of every other (seed, epoch)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+class _DistributedBatches(Sampler[list[int]]):
+    """Shared epoch / rank bookkeeping: subclasses draw the global batches of an epoch."""
+
+    def __init__(self, seed: int, num_replicas: int, rank: int):
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def global_batches(self, generator: torch.Generator) -> list[list[int]]:
+        raise NotImplementedError
+
+    def num_global_batches(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_global_batches() // self.num_replicas
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_batches(epoch_generator(self.seed, self.epoch))
+        mine = batches[self.rank :: self.num_replicas]
+        return iter(mine[: len(self)])
+
+
+class ClassBalancedBatchSampler(_DistributedBatches):
+    """Batches of ``batch_size // m_per_class`` distinct classes with ``m_per_class`` items each.
+
+    Each class's items are shuffled and cut into groups of ``m_per_class``; the
+    last group of a class, and classes with fewer than ``m_per_class`` items, are
+    filled by drawing that class's items again (with replacement). An epoch uses
+    every group once while enough classes remain to fill a batch, so every item
+    is seen once per epoch where the class sizes allow.
+
+    Args:
+        labels: ``(N,)`` class label of every dataset item.
+        batch_size: items per batch; a multiple of ``m_per_class``.
+        m_per_class: items of each class in a batch (at least 2 for positives).
+        length: batches per epoch (over all ranks); default: the number of groups
+            divided by the classes per batch.
+        seed, num_replicas, rank: reproducibility and DDP sharding.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | Tensor,
+        batch_size: int,
+        m_per_class: int,
+        length: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(seed, num_replicas, rank)
+        labels = torch.as_tensor(labels)
+        if m_per_class < 1 or batch_size < 1 or batch_size % m_per_class:
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a positive multiple of m_per_class "
+                f"({m_per_class})"
+            )
+        self.batch_size, self.m_per_class = batch_size, m_per_class
+        self.classes_per_batch = batch_size // m_per_class
+        self.items_by_class = [torch.where(labels == c)[0] for c in torch.unique(labels)]
+        if len(self.items_by_class) < self.classes_per_batch:
+            raise ValueError(
+                f"batch_size / m_per_class = {self.classes_per_batch} classes per batch, but the "
+                f"data has only {len(self.items_by_class)} classes: lower batch_size or raise "
+                "m_per_class"
+            )
+        if length is not None and length < 1:
+            raise ValueError(f"length must be a positive number of batches, got {length}")
+        self.length = length
+
+    def _groups_per_class(self) -> list[int]:
+        return [-(-len(items) // self.m_per_class) for items in self.items_by_class]
+
+    def num_global_batches(self) -> int:
+        if self.length is not None:
+            return self.length
+        return max(sum(self._groups_per_class()) // self.classes_per_batch, 1)
+
+    def _class_groups(self, cls: int, generator: torch.Generator) -> list[Tensor]:
+        items = self.items_by_class[cls]
+        shuffled = items[torch.randperm(len(items), generator=generator)]
+        short = -len(shuffled) % self.m_per_class
+        if short:
+            extra = items[torch.randint(len(items), (short,), generator=generator)]
+            shuffled = torch.cat([shuffled, extra])
+        return list(shuffled.view(-1, self.m_per_class))
+
+    def global_batches(self, generator: torch.Generator) -> list[list[int]]:
+        groups = [self._class_groups(c, generator) for c in range(len(self.items_by_class))]
+        batches = []
+        for _ in range(self.num_global_batches()):
+            remaining = torch.tensor([len(g) for g in groups], dtype=torch.float)
+            if int((remaining > 0).sum()) < self.classes_per_batch:
+                for cls in torch.where(remaining == 0)[0].tolist():
+                    groups[cls] = self._class_groups(cls, generator)
+                remaining = torch.tensor([len(g) for g in groups], dtype=torch.float)
+            chosen = torch.multinomial(remaining, self.classes_per_batch, generator=generator)
+            batches.append(torch.cat([groups[c].pop() for c in chosen.tolist()]).tolist())
+        return batches
+
+
+class RandomBatchSampler(_DistributedBatches):
+    """Batches of ``batch_size`` items drawn without replacement from a fresh permutation.
+
+    Args:
+        num_items: dataset size.
+        batch_size: items per batch.
+        drop_last: drop the last incomplete batch.
+        seed, num_replicas, rank: reproducibility and DDP sharding.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        batch_size: int,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        super().__init__(seed, num_replicas, rank)
+        if batch_size < 1 or num_items < 1:
+            raise ValueError(
+                f"batch_size ({batch_size}) and num_items ({num_items}) must be positive"
+            )
+        self.num_items, self.batch_size, self.drop_last = num_items, batch_size, drop_last
+
+    def num_global_batches(self) -> int:
+        if self.drop_last:
+            return max(self.num_items // self.batch_size, 1)
+        return -(-self.num_items // self.batch_size)
+
+    def global_batches(self, generator: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(self.num_items, generator=generator)
+        return [chunk.tolist() for chunk in order.split(self.batch_size)]
