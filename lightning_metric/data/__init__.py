@@ -1,0 +1,7 @@
+"""DataModules: labelled data sets with validation splits and evaluation protocols."""
+
+from .base import PROTOCOLS, LabelledDataModule
+from .digits import DigitsDataModule
+from .fmnist import FashionMNISTDataModule
+
+__all__ = ["PROTOCOLS", "DigitsDataModule", "FashionMNISTDataModule", "LabelledDataModule"]
