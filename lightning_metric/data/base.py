@@ -40,6 +40,7 @@ class LabelledDataModule(pl.LightningDataModule):
         eval_batch_size: batch size of the validation and test loaders.
         seed: seeds the split and the samplers.
         num_workers: DataLoader workers.
+        num_classes: optional check: the number of training classes the config expects.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class LabelledDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         seed: int = 0,
         num_workers: int = 0,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -75,6 +77,11 @@ class LabelledDataModule(pl.LightningDataModule):
         self.subset, self.eval_batch_size = subset, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.train_set = self.val_set = self.test_set = None
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={num_classes}, but {type(self).__name__} with "
+                f"protocol={protocol!r} trains on {self.num_classes} classes"
+            )
 
     # -- what a subclass provides -------------------------------------------------
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,0 +1,122 @@
+"""From a Hydra config to the objects of a run: data, module, trainer.
+
+The recipes in ``recipes/`` stay thin: they call these functions, then
+``trainer.fit`` / ``trainer.test``. Every check that can fail on a bad config
+runs here, before training starts, and names the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .losses.registry import entry_for, resolve_sampler
+from .module import MetricLearningModule
+
+# Trainer settings that Lightning refuses under manual optimization: the module does them.
+_MOVED_TO_MODULE = ("gradient_clip_val", "accumulate_grad_batches")
+
+
+def register_resolvers() -> None:
+    """``${train_classes:N,protocol}`` and ``${wandb_offline:}`` for the configs."""
+    resolvers = {
+        "train_classes": _train_classes,
+        "wandb_offline": lambda: not os.environ.get("WANDB_API_KEY"),
+    }
+    for name, resolver in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+def _train_classes(total: int, protocol: str) -> int:
+    return int(total) // 2 if protocol == "class_disjoint" else int(total)
+
+
+def sampler_for(loss: nn.Module, requested: str) -> str:
+    """``class`` or ``random`` for this loss (outside the registry, ``auto`` means ``class``)."""
+    entry = entry_for(loss)
+    if entry is None:
+        return "class" if requested == "auto" else requested
+    return resolve_sampler(requested, entry.name)
+
+
+def build_loss(cfg: DictConfig) -> nn.Module:
+    miner = hydra.utils.instantiate(cfg.miner) if cfg.get("miner") else None
+    if miner is None:
+        return hydra.utils.instantiate(cfg.loss)
+    return hydra.utils.instantiate(cfg.loss, miner=miner)
+
+
+def build_datamodule(cfg: DictConfig, loss: nn.Module) -> pl.LightningDataModule:
+    sampler = sampler_for(loss, cfg.sampler.name)
+    datamodule = hydra.utils.instantiate(cfg.data, sampler=sampler)
+    check_classes(loss, datamodule)
+    return datamodule
+
+
+def check_classes(loss: nn.Module, datamodule: pl.LightningDataModule) -> None:
+    """A loss with class weights must have room for every training class."""
+    num_classes = getattr(loss, "num_classes", None)
+    if num_classes is not None and num_classes < datamodule.num_classes:
+        raise ValueError(
+            f"loss.num_classes={num_classes} is smaller than the {datamodule.num_classes} "
+            "training classes of the data: leave it at ${data.num_classes}"
+        )
+
+
+def build_module(cfg: DictConfig, loss: nn.Module) -> MetricLearningModule:
+    encoder = hydra.utils.instantiate(cfg.model.encoder)
+    loss_optimizer = None
+    if cfg.loss_optimizer.get("_target_"):
+        loss_optimizer = hydra.utils.instantiate(cfg.loss_optimizer)
+    scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    trainer_cfg = cfg.trainer
+    return MetricLearningModule(
+        encoder=encoder,
+        loss=loss,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        loss_optimizer=loss_optimizer,
+        scheduler=scheduler,
+        loss_scheduler=scheduler,
+        scheduler_interval=cfg.model.scheduler_interval,
+        gradient_clip_val=_one_setting(cfg.model, trainer_cfg, "gradient_clip_val", None),
+        gradient_clip_algorithm=cfg.model.gradient_clip_algorithm,
+        accumulate_grad_batches=_one_setting(cfg.model, trainer_cfg, "accumulate_grad_batches", 1),
+    )
+
+
+def _one_setting(model_cfg: DictConfig, trainer_cfg: DictConfig, key: str, default):
+    """``key`` from ``model`` or ``trainer`` (set in one place, or the same in both)."""
+    in_model, in_trainer = model_cfg.get(key, default), trainer_cfg.get(key, default)
+    if in_model != default and in_trainer != default and in_model != in_trainer:
+        raise ValueError(
+            f"model.{key}={in_model} and trainer.{key}={in_trainer} disagree: set one of them"
+        )
+    return in_model if in_model != default else in_trainer
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k not in _MOVED_TO_MODULE}
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    return hydra.utils.instantiate(
+        OmegaConf.create(trainer_kwargs), callbacks=callbacks, logger=loggers or False
+    )
+
+
+def write_metrics(path: Path, metrics: dict[str, float]) -> None:
+    """``metrics.json``: flat ``stage/name`` keys with float values."""
+    path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+
+
+def scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
+    return {
+        key: float(value) for key, value in trainer.callback_metrics.items()
+        if key.startswith(prefix)
+    }

@@ -1,0 +1,41 @@
+"""Evaluate a checkpoint: ``python -m recipes.eval ckpt_path=PATH [data=...] [loss=...]``.
+
+Use the groups the checkpoint was trained with (its run folder's
+``.hydra/overrides.yaml``); the test metrics go to ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lightning_metric import builders
+
+builders.register_resolvers()
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a file")
+    pl.seed_everything(cfg.seed, workers=True)
+    loss = builders.build_loss(cfg)
+    datamodule = builders.build_datamodule(cfg, loss)
+    module = builders.build_module(cfg, loss)
+    trainer = builders.build_trainer(cfg)
+    trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = builders.scalar_metrics(trainer, "test/")
+    builders.write_metrics(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

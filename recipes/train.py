@@ -1,0 +1,44 @@
+"""Train an embedding model: ``python -m recipes.train [loss=arcface] [data=fmnist] ...``.
+
+Every run writes into its Hydra output folder: the resolved config
+(``.hydra/``), checkpoints, the logger's files and ``metrics.json``.
+Returns the ``optimized_metric`` for Hydra sweepers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lightning_metric import builders
+
+builders.register_resolvers()
+
+
+def train(cfg: DictConfig) -> float | None:
+    pl.seed_everything(cfg.seed, workers=True)
+    loss = builders.build_loss(cfg)
+    datamodule = builders.build_datamodule(cfg, loss)
+    module = builders.build_module(cfg, loss)
+    trainer = builders.build_trainer(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = builders.scalar_metrics(trainer, "val/")
+    if cfg.test:
+        has_best = trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
+        trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None)
+        metrics.update(builders.scalar_metrics(trainer, "test/"))
+    builders.write_metrics(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
+    return metrics.get(cfg.optimized_metric)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
