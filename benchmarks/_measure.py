@@ -51,6 +51,12 @@ def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: 
     return statistics.median(times[1:]), max(peak, 0.0)
 
 
+def cap_memory(gigabytes: float) -> None:
+    """Make allocations beyond ``gigabytes`` of address space fail instead of swapping the machine."""
+    limit = int(gigabytes * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def run_isolated(module: str, args: list[str], timeout: float) -> dict | None:
     """Run ``python -m module args`` and parse the JSON line it prints; None on failure."""
     try:

@@ -16,9 +16,10 @@ import sys
 
 import torch
 
-from benchmarks._measure import measure, run_isolated
+from benchmarks._measure import cap_memory, measure, run_isolated
 
 DIM = 128
+MEMORY_CAP_GB = 16  # PML's NTXentLoss needs about 27 GB at B=1024
 
 # name: (our constructor kwargs, PML constructor kwargs); both classes share the name.
 CASES: dict[str, tuple[dict, dict]] = {
@@ -53,6 +54,8 @@ def make_loss(library: str, name: str):
 def worker(name: str, library: str, batch_size: int, device: str) -> dict:
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    if device == "cpu":
+        cap_memory(MEMORY_CAP_GB)
     loss_fn = make_loss(library, name).to(device)
     embeddings = torch.randn(batch_size, DIM, device=device, requires_grad=True)
     labels = torch.arange(batch_size // 4, device=device).repeat_interleave(4)

@@ -1,0 +1,200 @@
+"""Loss wrappers: a weighted sum of losses, and a memory of past batches (XBM)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._checks import IndicesTuple, check_embeddings, check_labels
+from ..indices import all_pairs, to_pairs, to_triplets
+
+
+class MultipleLosses(nn.Module):
+    """``sum_i weights[i] * losses[i](embeddings, labels, indices_i)``.
+
+    Args:
+        losses: a list or a dict of losses.
+        miners: optional miners of the same shape (list entries may be None; a dict
+            may name only some losses); a loss with a miner gets the miner's tuples.
+        weights: optional weights of the same shape (default 1 each).
+
+    Example::
+
+        >>> loss = MultipleLosses([TupletMarginLoss(), IntraPairVarianceLoss()], weights=[1, 0.5])
+    """
+
+    def __init__(
+        self,
+        losses: Sequence[nn.Module] | Mapping[str, nn.Module],
+        miners: Sequence[nn.Module | None] | Mapping[str, nn.Module] | None = None,
+        weights: Sequence[float] | Mapping[str, float] | None = None,
+    ):
+        super().__init__()
+        self.is_dict = isinstance(losses, Mapping)
+        keys = list(losses) if self.is_dict else list(range(len(losses)))
+        if not keys:
+            raise ValueError("MultipleLosses needs at least one loss")
+        self.keys = keys
+        self.losses = nn.ModuleDict(losses) if self.is_dict else nn.ModuleList(losses)
+        self.miners = _aligned("miners", miners, keys, self.is_dict, all_keys=False)
+        self.weights = _aligned("weights", weights, keys, self.is_dict, all_keys=True)
+        self._miner_modules = nn.ModuleList(m for m in self.miners.values() if m is not None)
+
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, indices_tuple: IndicesTuple | None = None
+    ) -> Tensor:
+        if indices_tuple is not None and any(m is not None for m in self.miners.values()):
+            raise ValueError("pass either miners to MultipleLosses or an indices_tuple, not both")
+        total = None
+        for key in self.keys:
+            miner = self.miners.get(key)
+            tuples = miner(embeddings, labels) if miner is not None else indices_tuple
+            weight = 1.0 if self.weights.get(key) is None else self.weights[key]
+            term = self.losses[key if self.is_dict else int(key)](embeddings, labels, tuples)
+            total = term * weight if total is None else total + term * weight
+        return total
+
+
+def _aligned(name, values, keys, is_dict, all_keys):
+    """``values`` as a ``{key: value}`` dict matching the losses' keys (a clear error if not)."""
+    if values is None:
+        return {}
+    if is_dict:
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{name} must be a dict when losses is a dict")
+        unknown = set(values) - set(keys)
+        missing = set(keys) - set(values)
+        if unknown or (all_keys and missing):
+            raise ValueError(f"{name} keys {sorted(values)} must match the losses' {sorted(keys)}")
+        return dict(values)
+    if isinstance(values, Mapping) or len(values) != len(keys):
+        raise ValueError(f"{name} must be a list of {len(keys)} entries, one per loss")
+    return dict(zip(keys, values, strict=True))
+
+
+class CrossBatchMemory(nn.Module):
+    """Compare each batch with a queue of past embeddings (Wang et al. 2020, "XBM").
+
+    The batch is enqueued (detached) first, then the wrapped loss compares the batch
+    with the whole memory as its reference set; an item is never paired with its own
+    slot. The queue lives in buffers, so it survives a checkpoint round trip.
+
+    Args:
+        loss: a labelled loss taking ``ref_emb`` (pair- and triplet-based ones).
+        embedding_size: ``D`` of the embeddings.
+        memory_size: slots in the queue.
+        miner: optional ``miner(embeddings, labels, ref_emb, ref_labels)`` over the memory.
+
+    Example::
+
+        >>> xbm = CrossBatchMemory(ContrastiveLoss(), embedding_size=128, memory_size=4096)
+        >>> loss = xbm(embeddings, labels)       # (B, 128), (B,)
+    """
+
+    def __init__(
+        self, loss: nn.Module, embedding_size: int, memory_size: int = 1024,
+        miner: nn.Module | None = None,
+    ):
+        super().__init__()
+        if embedding_size < 1 or memory_size < 1:
+            raise ValueError(
+                f"embedding_size ({embedding_size}) and memory_size ({memory_size}) must be "
+                "positive"
+            )
+        self.loss, self.miner = loss, miner
+        self.embedding_size, self.memory_size = embedding_size, memory_size
+        self.register_buffer("embedding_memory", torch.zeros(memory_size, embedding_size))
+        self.register_buffer("label_memory", torch.zeros(memory_size, dtype=torch.long))
+        self.register_buffer("queue_idx", torch.zeros((), dtype=torch.long))
+        self.register_buffer("has_been_filled", torch.zeros((), dtype=torch.bool))
+
+    def reset_queue(self) -> None:
+        self.embedding_memory.zero_()
+        self.label_memory.zero_()
+        self.queue_idx.zero_()
+        self.has_been_filled.zero_()
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        indices_tuple: IndicesTuple | None = None,
+        enqueue_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Loss of the batch against the memory.
+
+        ``enqueue_mask`` ``(B,)`` bool: enqueue only those rows and use the others as the
+        queries (then nothing is removed as a self-comparison).
+        """
+        check_embeddings("embeddings", embeddings)
+        labels = check_labels("labels", labels, embeddings)
+        self._check_sizes(embeddings, indices_tuple, enqueue_mask)
+        if enqueue_mask is not None:
+            enqueue_mask = enqueue_mask.to(device=embeddings.device, dtype=torch.bool)
+            queued, queued_labels = embeddings[enqueue_mask], labels[enqueue_mask]
+            embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
+        else:
+            queued, queued_labels = embeddings, labels
+        slots = self._enqueue(queued, queued_labels)
+        filled = int(self.memory_size if self.has_been_filled else self.queue_idx)
+        memory = self.embedding_memory[:filled].to(embeddings.dtype)
+        memory_labels = self.label_memory[:filled]
+        tuples = self._indices(embeddings, labels, memory, memory_labels, indices_tuple,
+                               slots if enqueue_mask is None else None)
+        return self.loss(embeddings, labels, tuples, memory, memory_labels)
+
+    def _check_sizes(self, embeddings, indices_tuple, enqueue_mask) -> None:
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings have size {embeddings.shape[1]}, CrossBatchMemory was built for "
+                f"embedding_size={self.embedding_size}"
+            )
+        if indices_tuple is not None and enqueue_mask is not None:
+            raise ValueError("indices_tuple and enqueue_mask are mutually exclusive")
+        if enqueue_mask is not None and len(enqueue_mask) != len(embeddings):
+            raise ValueError(
+                f"enqueue_mask has {len(enqueue_mask)} entries for {len(embeddings)} embeddings"
+            )
+        if enqueue_mask is None and len(embeddings) > self.memory_size:
+            raise ValueError(
+                f"a batch of {len(embeddings)} does not fit memory_size={self.memory_size}"
+            )
+
+    @torch.no_grad()
+    def _enqueue(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Write the rows into the next slots (wrapping around); return their slots ``(n,)``."""
+        start = int(self.queue_idx)
+        slots = torch.arange(start, start + len(embeddings), device=embeddings.device)
+        slots = slots % self.memory_size
+        self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
+        self.label_memory[slots] = labels.to(self.label_memory.dtype)
+        new_idx = (start + len(embeddings)) % self.memory_size
+        if new_idx <= start and len(embeddings):
+            self.has_been_filled.fill_(True)
+        self.queue_idx.fill_(new_idx)
+        return slots
+
+    def _indices(self, embeddings, labels, memory, memory_labels, given, own_slots):
+        if self.miner is not None:
+            tuples = self.miner(embeddings, labels, memory, memory_labels)
+        else:
+            tuples = all_pairs(labels, memory_labels, same_set=False)
+        if own_slots is not None:
+            tuples = _without_own_slot(tuples, own_slots)
+        if given is None:
+            return tuples
+        if len(given) != len(tuples):
+            convert = to_pairs if len(tuples) == 4 else to_triplets
+            given = convert(given, labels, labels, True)
+        return tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(tuples, given, strict=True))
+
+
+def _without_own_slot(tuples: IndicesTuple, own_slots: Tensor) -> IndicesTuple:
+    """Drop positives that are the anchor's own copy in memory."""
+    anchors, positives = tuples[0], tuples[1]
+    keep = positives != own_slots[anchors]
+    if len(tuples) == 3:
+        return tuple(t[keep] for t in tuples)
+    return anchors[keep], positives[keep], tuples[2], tuples[3]
