@@ -52,7 +52,7 @@ def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: 
 
 
 def cap_memory(gigabytes: float) -> None:
-    """Make allocations beyond ``gigabytes`` of address space fail instead of swapping the machine."""
+    """Make allocations beyond ``gigabytes`` of address space fail instead of swapping."""
     limit = int(gigabytes * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
