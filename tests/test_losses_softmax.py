@@ -213,6 +213,24 @@ def test_nca_by_hand():
     assert NCALoss()(emb, labels).item() == pytest.approx(torch.stack(losses).mean().item(), 1e-12)
 
 
+def test_nca_underflowing_rows_are_recomputed_in_log_space():
+    """Positives 200 nats less likely than a negative: float32's softmax mass is 0.
+
+    PML drops such rows in float32; we keep their (large) loss and gradient, equal to
+    the float64 value, where PML agrees with us.
+    """
+    angles = torch.tensor([0.0, 10.0, 180.0, 190.0]) * torch.pi / 180
+    emb = torch.stack([angles.cos(), angles.sin()], dim=1).double()
+    labels = torch.tensor([0, 1, 0, 1])
+    loss_fn = NCALoss(softmax_scale=50)
+    value64, grads64 = value_and_grad(loss_fn, emb, labels)
+    assert value64 > 150
+    assert_parity(loss_fn, pml_losses.NCALoss(softmax_scale=50), emb, labels)
+    value32, grads32 = value_and_grad(loss_fn, emb.float(), labels)
+    torch.testing.assert_close(value32.double(), value64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads32[0].double(), grads64[0], rtol=1e-4, atol=1e-4)
+
+
 def test_nca_needs_labels():
     with pytest.raises(ValueError, match="labels"):
         NCALoss()(random_embeddings(4), None, indices_tuple=subset_of_triplets(torch.arange(4)))

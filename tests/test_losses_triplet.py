@@ -97,6 +97,36 @@ MARGIN_CONFIGS = {
     ),
 }
 
+MARGIN_CONFIGS["sum_per_class"] = (
+    {"reducer": "sum", "learn_beta": True, "num_classes": 32, "nu": 0.1, "margin": 0.5},
+    {
+        "reducer": pml_reducers.SumReducer(),
+        "learn_beta": True,
+        "num_classes": 32,
+        "nu": 0.1,
+        "margin": 0.5,
+    },
+)
+# A negative beta: the regularizer's per-triplet values are negative, so avg_non_zero drops them.
+MARGIN_CONFIGS["avg_non_zero_negative_beta"] = (
+    {
+        "distance": "cosine",
+        "reducer": "avg_non_zero",
+        "learn_beta": True,
+        "num_classes": 32,
+        "beta": -0.2,
+        "nu": 0.5,
+    },
+    {
+        "distance": pml_distances.CosineSimilarity(),
+        "reducer": pml_reducers.AvgNonZeroReducer(),
+        "learn_beta": True,
+        "num_classes": 32,
+        "beta": -0.2,
+        "nu": 0.5,
+    },
+)
+
 ANGULAR_CONFIGS = {
     "default": ({}, {}),
     "alpha_30": ({"alpha": 30}, {"alpha": 30}),
@@ -258,6 +288,33 @@ def test_sorted_reference_matches_pml_on_a_small_batch():
     their_value, (their_grad,) = value_and_grad(pml_losses.TripletMarginLoss(), emb, labels)
     torch.testing.assert_close(value.detach(), their_value, rtol=1e-7, atol=0)
     torch.testing.assert_close(grad, their_grad, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        (lambda: TripletMarginLoss(), lambda: pml_losses.TripletMarginLoss()),
+        (
+            lambda: TripletMarginLoss(swap=True, smooth_loss=True, margin=0.3),
+            lambda: pml_losses.TripletMarginLoss(swap=True, smooth_loss=True, margin=0.3),
+        ),
+        (
+            lambda: MarginLoss(learn_beta=True, num_classes=40, nu=0.1),
+            lambda: pml_losses.MarginLoss(learn_beta=True, num_classes=40, nu=0.1),
+        ),
+        (
+            lambda: MarginLoss(reducer="avg_non_zero"),
+            lambda: pml_losses.MarginLoss(reducer=pml_reducers.AvgNonZeroReducer()),
+        ),
+        (lambda: AngularLoss(), lambda: pml_losses.AngularLoss()),
+    ],
+    ids=["triplet", "triplet_swap_smooth", "margin_per_class", "margin_avg_non_zero", "angular"],
+)
+def test_parity_on_a_larger_imbalanced_batch(ours, theirs):
+    """B=128 with classes of 1 to 8 items: many anchors, ragged positive counts."""
+    generator = torch.Generator().manual_seed(6)
+    labels = torch.randint(0, 40, (128,), generator=generator)
+    assert_parity(ours(), theirs(), random_embeddings(128, 16, seed=6), labels)
 
 
 @pytest.mark.parametrize("loss_cls", [TripletMarginLoss, MarginLoss])

@@ -63,6 +63,25 @@ def first_pair_per_label(anchors: Tensor, positives: Tensor, labels: Tensor):
     return anchors[first], positives[first]
 
 
+def neighbour_nll(logits: Tensor, positive: Tensor) -> Tensor:
+    """``-log(sum_j positive_ij * softmax(logits)_ij)`` per row: ``(N,)``.
+
+    ``positive``: a 0/1 float matrix. One fused softmax in the common case; rows whose
+    probability mass underflows (below the dtype's ``tiny``) are recomputed in log
+    space, ``logsumexp(all) - logsumexp(positives)``, instead of losing their gradient.
+    Rows without positives are meaningless (``-log(tiny)``): callers drop them.
+    """
+    tiny = torch.finfo(logits.dtype).tiny
+    mass = (torch.softmax(logits, dim=1) * positive).sum(dim=1)
+    losses = -mass.clamp(min=tiny).log()
+    underflow = (mass < tiny) & (positive.sum(dim=1) > 0)
+    if underflow.any():
+        rows = torch.where(underflow)[0]
+        exact = masked_logsumexp(logits[rows]) - masked_logsumexp(logits[rows], positive[rows] > 0)
+        losses = losses.index_put((rows,), exact)
+    return losses
+
+
 class NCALoss(BaseMetricLoss):
     """Neighbourhood Components Analysis: the log-probability of a correct stochastic neighbour.
 
@@ -103,13 +122,12 @@ class NCALoss(BaseMetricLoss):
             return {}
         mat = self.distance(embeddings, None if same_set else ref_emb)
         logits = similarity_logits(mat, self.distance, self.softmax_scale)
-        positive = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
+        positive = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).to(logits.dtype)
         if same_set:
-            positive.fill_diagonal_(False)
+            positive.fill_diagonal_(0)
             logits.fill_diagonal_(float("-inf"))  # an item is not its own neighbour
         has_positive = positive.sum(dim=1) > 0
-        # -log(sum over positives of the softmax) = lse(all neighbours) - lse(positives)
-        losses = masked_logsumexp(logits) - masked_logsumexp(logits, positive)
+        losses = neighbour_nll(logits, positive)
         weights = occurrence_weights(
             indices_tuple, len(embeddings), not same_set, logits.dtype, logits.device
         )

@@ -222,8 +222,7 @@ class MarginLoss(BaseMetricLoss):
             raise ValueError("MarginLoss with num_classes needs labels to pick each beta")
         mat = self.distance(embeddings, None if same_set else ref_emb)
         if indices_tuple is None and self.triplets_per_anchor == "all":
-            if self.reducer == "divisor":
-                return self._all_triplets_divided(mat, labels, ref_labels, same_set)
+            return self._all_triplets(mat, labels, ref_labels, same_set)
         anchors, positives, negatives = to_triplets(
             indices_tuple, labels, ref_labels, same_set, self.triplets_per_anchor
         )
@@ -233,57 +232,75 @@ class MarginLoss(BaseMetricLoss):
         pos_loss, neg_loss = self._pair_losses(
             mat[anchors, positives], mat[anchors, negatives], beta
         )
-        if self.reducer != "divisor":
-            terms = {"margin_loss": SubLoss(pos_loss + neg_loss)}
-            if self.learn_beta:
-                reg = beta * self.nu
-                terms["beta_reg_loss"] = (
-                    SubLoss(reg.sum(), True) if len(self.beta) == 1 else SubLoss(reg)
-                )
-            return terms
-        ones = torch.ones_like(pos_loss)
-        return self._divided(pos_loss, ones, neg_loss, ones, beta)
+        if self.reducer == "divisor":
+            ones = torch.ones_like(pos_loss)
+            divisor = (pos_loss > 0).sum() + (neg_loss > 0).sum()
+            return self._terms(pos_loss.sum() + neg_loss.sum(), divisor, beta, ones)
+        terms = {"margin_loss": SubLoss(pos_loss + neg_loss)}
+        if self.learn_beta:
+            reg = beta * self.nu
+            terms["beta_reg_loss"] = (
+                SubLoss(reg.sum(), reduced=True) if len(self.beta) == 1 else SubLoss(reg)
+            )
+        return terms
 
-    def _all_triplets_divided(
+    def _all_triplets(
         self, mat: Tensor, labels: Tensor, ref_labels: Tensor, same_set: bool
     ) -> dict[str, SubLoss]:
-        """Every triplet, from the (N, M) pair terms weighted by how many triplets hold them.
+        """Every triplet, from the ``(N, M)`` pair terms, without listing the triplets.
 
-        Pair ``(a, p)`` appears in one triplet per negative of ``a``, pair ``(a, n)`` in one
-        per positive of ``a``.
+        Pair ``(a, p)`` is in one triplet per negative of ``a``, pair ``(a, n)`` in one per
+        positive of ``a``: each pair term is weighted by that count.
         """
         positive, negative = label_masks(labels, ref_labels, same_set)
         n_pos = positive.sum(dim=1, keepdim=True)
         n_neg = negative.sum(dim=1, keepdim=True)
-        if int((n_pos * n_neg).sum()) == 0:
+        per_anchor = n_pos * n_neg
+        num_triplets = int(per_anchor.sum())
+        if num_triplets == 0:
             return {}
         beta = self._beta(labels, mat.dtype).reshape(-1, 1)
         pos_loss, neg_loss = self._pair_losses(mat, mat, beta)
         pos_weight = (positive * n_neg).to(mat.dtype)
         neg_weight = (negative * n_pos).to(mat.dtype)
-        return self._divided(pos_loss, pos_weight, neg_loss, neg_weight, beta * n_pos * n_neg)
-
-    def _divided(
-        self,
-        pos_loss: Tensor,
-        pos_weight: Tensor,
-        neg_loss: Tensor,
-        neg_weight: Tensor,
-        beta_per_triplet: Tensor,
-    ) -> dict[str, SubLoss]:
-        """Weighted sums divided by the weighted number of non-zero pair terms."""
         total = (pos_loss * pos_weight).sum() + (neg_loss * neg_weight).sum()
-        divisor = (pos_weight * (pos_loss > 0)).sum() + (neg_weight * (neg_loss > 0)).sum()
-        has_divisor = divisor > 0
-        safe_divisor = torch.where(has_divisor, divisor, torch.ones_like(divisor))
-        terms = {"margin_loss": SubLoss(total / safe_divisor, reduced=True)}
-        if self.learn_beta:
-            if len(self.beta) == 1:
-                reg = (self.beta * self.nu).to(total.dtype).sum()
-            else:
-                reg_sum = beta_per_triplet.sum() * self.nu
-                reg = torch.where(has_divisor, reg_sum / safe_divisor, reg_sum * 0)
-            terms["beta_reg_loss"] = SubLoss(reg, reduced=True)
+        if self.reducer == "divisor":
+            divisor = (pos_weight * (pos_loss > 0)).sum() + (neg_weight * (neg_loss > 0)).sum()
+        elif self.reducer == "avg_non_zero":
+            # A triplet's loss is zero when both its pair terms are.
+            zero_pos = (positive & (pos_loss <= 0)).sum(dim=1)
+            zero_neg = (negative & (neg_loss <= 0)).sum(dim=1)
+            divisor = num_triplets - (zero_pos * zero_neg).sum()
+        elif self.reducer == "mean":
+            divisor = torch.tensor(num_triplets)
+        else:
+            divisor = torch.tensor(1)
+        return self._terms(total, divisor, beta, per_anchor.to(mat.dtype))
+
+    def _terms(
+        self, total: Tensor, divisor: Tensor, beta: Tensor, beta_count: Tensor
+    ) -> dict[str, SubLoss]:
+        """The reduced margin term ``total / divisor`` (0 if no divisor) and beta regularizer.
+
+        ``beta`` is the per-anchor (or single) beta, ``beta_count`` the number of triplets of
+        each anchor: with one beta per class the regularizer is reduced over triplets.
+        """
+        divisor = divisor.to(total)
+        terms = {"margin_loss": SubLoss(_divide_or_zero(total, divisor), reduced=True)}
+        if not self.learn_beta:
+            return terms
+        reg = beta * self.nu
+        if len(self.beta) == 1:
+            terms["beta_reg_loss"] = SubLoss(reg.sum(), reduced=True)
+            return terms
+        if self.reducer == "avg_non_zero":
+            beta_count = beta_count * (reg > 0)
+        if self.reducer in ("mean", "avg_non_zero"):
+            divisor = beta_count.sum()
+        elif self.reducer == "sum":
+            divisor = torch.ones_like(divisor)
+        reg_value = _divide_or_zero((reg * beta_count).sum(), divisor)
+        terms["beta_reg_loss"] = SubLoss(reg_value, reduced=True)
         return terms
 
     def _pair_losses(self, d_ap: Tensor, d_an: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -375,6 +392,13 @@ class AngularLoss(BaseMetricLoss):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha} (degrees), reducer={self.reducer!r}"
+
+
+def _divide_or_zero(total: Tensor, divisor: Tensor) -> Tensor:
+    """``total / divisor``, or ``0 * total`` (still connected) where ``divisor`` is 0."""
+    has_divisor = divisor > 0
+    safe = torch.where(has_divisor, divisor, torch.ones_like(divisor))
+    return torch.where(has_divisor, total / safe, total * 0)
 
 
 def _log1p_sum_exp(logits: Tensor, mask: Tensor) -> Tensor:

@@ -1,0 +1,113 @@
+"""End to end: the real ``python -m recipes.train`` / ``recipes.eval`` commands in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, SHARED_DATA
+
+QUICK = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_model_summary=false"]
+
+
+def run_recipe(run_dir: Path, *overrides: str, module: str = "recipes.train", check=True):
+    env = {**os.environ, "LIGHTNING_METRIC_DATA": str(SHARED_DATA), "WANDB_API_KEY": "",
+           "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"{module} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def weights(checkpoint: Path) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
+    run_recipe(tmp_path, "loss=triplet", "data=digits", *QUICK)
+    found = metrics(tmp_path)
+    assert found["test/precision_at_1"] > 0.8
+    assert {"test/loss", "val/precision_at_1"} <= set(found)
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "csv").rglob("metrics.csv"))
+
+    eval_dir = tmp_path / "eval"
+    run_recipe(eval_dir, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "loss=triplet",
+               "trainer.accelerator=cpu", module="recipes.eval")
+    assert metrics(eval_dir)["test/precision_at_1"] > 0.8
+
+
+def test_arcface_on_fashion_mnist_trains_hundreds_of_steps(tmp_path):
+    run_recipe(tmp_path, "loss=arcface", "data=fmnist", "data.subset=30000", "data.download=false",
+               *QUICK)
+    found = metrics(tmp_path)
+    assert found["test/precision_at_1"] > 0.7
+    state = weights(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["loss.W"].shape == (64, 10)
+
+
+def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    common = ["loss=arcface", "trainer.deterministic=true", "trainer.accelerator=cpu",
+              "test=false", "trainer.enable_model_summary=false"]
+    run_recipe(tmp_path / "whole", *common, "trainer.max_epochs=2")
+    run_recipe(tmp_path / "first", *common, "trainer.max_epochs=1")
+    run_recipe(tmp_path / "resumed", *common, "trainer.max_epochs=2",
+               f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    whole = weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
+    resumed = weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    once = weights(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    assert not torch.equal(once["loss.W"], whole["loss.W"])
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_bf16_mixed_precision_with_two_optimizers(tmp_path):
+    run_recipe(tmp_path, "loss=arcface", "trainer.precision=bf16-mixed", *QUICK)
+    assert metrics(tmp_path)["test/precision_at_1"] > 0.5
+    state = weights(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["loss.W"].dtype == torch.float32
+    assert torch.isfinite(state["loss.W"]).all()
+
+
+def test_gradient_accumulation_steps_both_optimizers_every_n_batches(tmp_path):
+    # digits: 1,438 training items -> 1,294 after validation; random batches of 64 -> 20 batches
+    run_recipe(tmp_path, "loss=arcface", "trainer.accumulate_grad_batches=3", *QUICK)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    steps = [int(state["step"]) for optimizer in checkpoint["optimizer_states"]
+             for state in optimizer["state"].values()]
+    assert len(checkpoint["optimizer_states"]) == 2
+    assert set(steps) == {7}  # ceil(20 / 3): the last, partial group steps too
+
+
+def test_wandb_logger_runs_offline_into_a_syncable_folder(tmp_path):
+    run_recipe(tmp_path, "logger=wandb", *QUICK)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.m_per_class=5"], "data.batch_size (64) must be a multiple of data.m_per_class (5)"),
+        (["loss=arcface", "loss.num_classes=3"], "loss.num_classes=3 is smaller than the 10"),
+        (["data=fmnist", "data.data_dir=/nonexistent/fmnist", "data.download=false"],
+         "data_dir='/nonexistent/fmnist'"),
+        (["loss=no_such_loss"], "Could not find 'loss/no_such_loss'"),
+    ],
+)
+def test_bad_config_fails_at_setup_naming_the_setting(tmp_path, overrides, message):
+    done = run_recipe(tmp_path, *overrides, *QUICK, check=False)
+    assert done.returncode != 0
+    assert message in done.stderr + done.stdout
+    assert not (tmp_path / "checkpoints").exists()
