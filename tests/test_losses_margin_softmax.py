@@ -407,3 +407,13 @@ def test_max_over_centres_matches_torch_max(centres):
     torch.testing.assert_close(ours.grad, reference.grad)
     if centres <= 3:
         torch.autograd.gradcheck(_MaxOverCentres.apply, (x.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_empty_batch_gives_connected_zero(name):
+    loss_fn = getattr(margin_softmax, name)(num_classes=5, embedding_size=4)
+    emb = torch.randn(0, 4, requires_grad=True)
+    loss = loss_fn(emb, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and emb.grad.shape == (0, 4)
+    assert loss_fn.W.grad is not None

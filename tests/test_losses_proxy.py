@@ -373,3 +373,13 @@ def test_soft_max_similarity_gradient():
     torch.autograd.gradcheck(lambda s: _SoftMaxSimilarity.apply(s, 7.0), (sims,))
     reference = (torch.softmax(sims * 7.0, dim=1) * sims).sum(dim=1)
     torch.testing.assert_close(_SoftMaxSimilarity.apply(sims, 7.0), reference)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_empty_batch_gives_connected_zero(name):
+    loss_fn = getattr(proxy, name)(num_classes=5, embedding_size=4)
+    emb = torch.randn(0, 4, requires_grad=True)
+    loss = loss_fn(emb, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and emb.grad.shape == (0, 4)
+    assert getattr(loss_fn, PARAMETER[name]).grad is not None

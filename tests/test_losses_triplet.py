@@ -170,14 +170,21 @@ def _subset_against_ref(labels, kind, seed=0):
 # ----------------------------------------------------------------------------- TripletMarginLoss
 
 
-@pytest.mark.parametrize("with_ref", [False, True], ids=["batch", "ref"])
+# PML 2.9 indexes the wrong matrix for swap with ref_emb: those cases are checked against a
+# hand-written formula in the next test instead.
+PML_COMPARABLE = [
+    (config, with_ref)
+    for config, (ours, _) in TRIPLET_CONFIGS.items()
+    for with_ref in (False, True)
+    if not (with_ref and ours.get("swap"))
+]
+
+
+@pytest.mark.parametrize(("config", "with_ref"), PML_COMPARABLE)
 @pytest.mark.parametrize("index_kind", list(INDICES))
-@pytest.mark.parametrize("config", list(TRIPLET_CONFIGS))
 @pytest.mark.parametrize("pattern", PATTERN_NAMES)
 def test_triplet_margin_matches_pml(pattern, config, index_kind, with_ref):
     ours, theirs = TRIPLET_CONFIGS[config]
-    if with_ref and ours.get("swap"):
-        pytest.skip("PML 2.9 indexes the wrong matrix for swap with ref_emb: see the next test")
     labels = PATTERNS[pattern]
     kwargs = _forward_kwargs(labels, index_kind, with_ref)
     assert_parity(

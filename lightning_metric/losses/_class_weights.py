@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import IndicesTuple
+from .._checks import IndicesTuple, check_inputs
+from ..distances import to_compute_dtype
 from ..regularizers import get_regularizer
-from ._reduction import SubLoss
+from ._reduction import SubLoss, connected_zero, reduce_all
 from .base import BaseMetricLoss
 
 WeightInit = Callable[[Tensor], object]
@@ -100,7 +101,18 @@ class BaseClassWeightsLoss(BaseMetricLoss):
         device_type = embeddings.device.type if isinstance(embeddings, Tensor) else "cpu"
         # Margins and scales of 30-64 amplify half-precision rounding: compute in float32.
         with torch.autocast(device_type, enabled=False):
-            return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+            labels, _ = check_inputs(embeddings, labels, ref_emb, ref_labels, indices_tuple)
+            if indices_tuple is None and self.miner is not None:
+                indices_tuple = self.miner(embeddings, labels, ref_emb, ref_labels)
+            emb = to_compute_dtype(embeddings)
+            terms = self.compute_loss(emb, labels, indices_tuple, emb, labels, ref_emb is None)
+            if self.embedding_regularizer is not None:
+                reg = self.embedding_regularizer(emb) * self.embedding_reg_weight
+                terms["embedding_reg_loss"] = SubLoss(reg, reduced=True)
+            # Every term depends on the embeddings and the weights, so a zero made from the
+            # terms stays connected to both, without a pass over all the class weights.
+            zero = connected_zero(*(term.values for term in terms.values()))
+            return reduce_all(terms, self.reducer, zero)
 
     def compute_loss(
         self,
@@ -142,9 +154,11 @@ class BaseClassWeightsLoss(BaseMetricLoss):
             raise ValueError(f"labels are required by {type(self).__name__}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        outside = (labels < 0) | (labels >= self.num_classes)
-        if bool(outside.any()):
-            bad = int(labels[outside][0])
+        if len(labels) == 0:
+            return
+        low, high = torch.stack(labels.aminmax()).tolist()  # one device sync
+        if low < 0 or high >= self.num_classes:
+            bad = low if low < 0 else high
             raise ValueError(
                 f"label {bad} is outside the expected range [0, {self.num_classes}) "
                 f"(num_classes={self.num_classes})"

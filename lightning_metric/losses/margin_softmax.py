@@ -39,6 +39,8 @@ from ..regularizers import SparseCentersRegularizer
 from ._class_weights import BaseClassWeightsLoss, weighted_cross_entropy
 from ._reduction import SubLoss
 
+_EPS = 1e-12
+"""``F.normalize``'s floor under a norm."""
 _SIN_FLOOR = 1e-12
 """Floor under ``1 - cos^2`` so ``sqrt`` (and its gradient) stays finite at ``cos = +-1``."""
 
@@ -103,10 +105,10 @@ class LargeMarginSoftmaxLoss(BaseClassWeightsLoss):
         own class's margin cosine besides ``scale`` (here ``|x| |W_y|``).
         """
         own = weight[:, labels].T
-        magnitude = torch.linalg.vector_norm(embeddings, dim=1) * torch.linalg.vector_norm(
-            own, dim=1
-        )
-        return (embeddings * self.scale) @ weight, _rowwise_cosine(embeddings, own), magnitude
+        x_norm = torch.linalg.vector_norm(embeddings, dim=1)
+        own_norm = torch.linalg.vector_norm(own, dim=1)
+        cos = (embeddings * own).sum(dim=1) / (x_norm.clamp_min(_EPS) * own_norm.clamp_min(_EPS))
+        return (embeddings * self.scale) @ weight, cos, x_norm * own_norm
 
     def margin_cosine(self, cos: Tensor) -> Tensor:
         """``psi(theta) = (-1)^k cos(m theta) - 2k`` from ``cos(theta)``, without ``acos``."""
@@ -136,10 +138,10 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
     """
 
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
-        own = weight[:, labels].T
-        logits = (embeddings * self.scale) @ F.normalize(weight, dim=0)
-        magnitude = torch.linalg.vector_norm(embeddings, dim=1)
-        return logits, _rowwise_cosine(embeddings, own), magnitude
+        centres = F.normalize(weight, dim=0)
+        x_norm = torch.linalg.vector_norm(embeddings, dim=1)
+        cos = (embeddings * centres[:, labels].T).sum(dim=1) / x_norm.clamp_min(_EPS)
+        return (embeddings * self.scale) @ centres, cos, x_norm
 
 
 class _CosineMarginLoss(LargeMarginSoftmaxLoss):
@@ -151,8 +153,9 @@ class _CosineMarginLoss(LargeMarginSoftmaxLoss):
         return margin
 
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
-        logits = (F.normalize(embeddings, dim=1) * self.scale) @ F.normalize(weight, dim=0)
-        return logits, _rowwise_cosine(embeddings, weight[:, labels].T), 1.0
+        unit, centres = F.normalize(embeddings, dim=1), F.normalize(weight, dim=0)
+        cos = (unit * centres[:, labels].T).sum(dim=1)
+        return (unit * self.scale) @ centres, cos, 1.0
 
 
 class CosFaceLoss(_CosineMarginLoss):
@@ -278,7 +281,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         centres = _centre_major(F.normalize(weight, dim=0), self.num_classes, self.sub_centers)
         cos = F.normalize(embeddings, dim=1) @ centres
         # A class's cosine is its largest over the sub-centres.
-        cos = _MaxOverCentres.apply(cos.view(len(embeddings), self.sub_centers, -1))
+        cos = _MaxOverCentres.apply(cos.view(len(embeddings), self.sub_centers, self.num_classes))
         return cos * self.scale, cos.gather(1, labels.unsqueeze(1)).squeeze(1), 1.0
 
     def get_outliers(
@@ -358,8 +361,13 @@ class NormalizedSoftmaxLoss(BaseClassWeightsLoss):
 
     def class_loss(self, embeddings, labels, weights):
         centres = F.normalize(self.W.to(embeddings.dtype), p=self.distance.p, dim=0)
-        sign = 1 if self.distance.is_inverted else -1  # a distance: closer means larger logit
-        logits = self.distance(embeddings, centres.T) / (sign * self.temperature)
+        if isinstance(self.distance, DotProductSimilarity) and self.distance.power == 1:
+            # A dot product: divide the (B, D) embeddings, not the (B, C) logits.
+            queries = self.distance.maybe_normalize(embeddings) / self.temperature
+            logits = queries @ centres
+        else:
+            sign = 1 if self.distance.is_inverted else -1  # a distance: closer, larger logit
+            logits = self.distance(embeddings, centres.T) / (sign * self.temperature)
         return {"loss": SubLoss(weighted_cross_entropy(logits, labels, weights))}
 
     def weight_rows(self, dtype: torch.dtype) -> Tensor:
@@ -412,11 +420,6 @@ def _centre_major(weight: Tensor, num_classes: int, per_class: int) -> Tensor:
     """
     dim = weight.shape[0]
     return weight.view(dim, num_classes, per_class).transpose(1, 2).reshape(dim, -1)
-
-
-def _rowwise_cosine(x: Tensor, y: Tensor) -> Tensor:
-    """``(B,)`` cosine between row ``i`` of ``x`` and row ``i`` of ``y``."""
-    return (F.normalize(x, dim=1) * F.normalize(y, dim=1)).sum(dim=1)
 
 
 def _chebyshev(cos: Tensor, m: int) -> Tensor:

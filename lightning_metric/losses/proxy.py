@@ -152,7 +152,7 @@ class ProxyAnchorLoss(BaseClassWeightsLoss):
             return {"pos_loss": SubLoss(pos_term), "neg_loss": SubLoss(neg_term)}
         with_positives = torch.bincount(labels, minlength=self.num_classes).count_nonzero()
         return {
-            "pos_loss": SubLoss(pos_term.sum() / with_positives, reduced=True),
+            "pos_loss": SubLoss(pos_term.sum() / with_positives.clamp(min=1), reduced=True),
             "neg_loss": SubLoss(neg_term.sum() / self.num_classes, reduced=True),
         }
 
@@ -239,36 +239,30 @@ class _SoftMaxSimilarity(torch.autograd.Function):
     """SoftTriple's class similarity: ``sum_k softmax_k(inv_gamma * s) * s_k`` over dim 1
     of ``s`` ``(B, K, C)``, giving ``(B, C)``.
 
-    Fused so that only ``s`` and the result are kept for backward (the softmax is
-    recomputed there), with the gradient ``p_k * (1 + inv_gamma * (s_k - result))``.
+    Fused: backward computes ``p_k * (1 + inv_gamma * (s_k - result))`` in one new
+    tensor instead of autograd's chain of ``(B, K, C)`` temporaries.
     """
 
     @staticmethod
     def forward(ctx, sims: Tensor, inv_gamma: float) -> Tensor:
-        similarity = _soft_assignment(sims, inv_gamma).mul_(sims).sum(dim=1)
-        ctx.save_for_backward(sims, similarity)
+        assignment = torch.softmax(sims * inv_gamma, dim=1)
+        similarity = (assignment * sims).sum(dim=1)
+        ctx.save_for_backward(sims, assignment, similarity)
         ctx.inv_gamma = inv_gamma
         return similarity
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        sims, similarity = ctx.saved_tensors
+        sims, assignment, similarity = ctx.saved_tensors
         grad_sims = (sims - similarity.unsqueeze(1)).mul_(ctx.inv_gamma).add_(1)
-        grad_sims.mul_(_soft_assignment(sims, ctx.inv_gamma)).mul_(grad.unsqueeze(1))
-        return grad_sims, None
-
-
-def _soft_assignment(sims: Tensor, inv_gamma: float) -> Tensor:
-    """``softmax(inv_gamma * sims, dim=1)``, computed in one new tensor."""
-    weights = sims * inv_gamma
-    weights -= weights.amax(dim=1, keepdim=True)
-    weights.exp_()
-    return weights.div_(weights.sum(dim=1, keepdim=True))
+        return grad_sims.mul_(assignment).mul_(grad.unsqueeze(1)), None
 
 
 def _log1p_sum_exp(x: Tensor, dim: int) -> Tensor:
     """``log(1 + sum exp(x))`` along ``dim``, stable; ``-inf`` entries count as absent."""
+    if x.shape[dim] == 0:
+        return x.sum(dim=dim)  # log(1) = 0 for every entry, still connected to x
     shift = x.detach().amax(dim=dim, keepdim=True).clamp(min=0)
     total = torch.exp(x - shift).sum(dim=dim, keepdim=True) + torch.exp(-shift)
     return (shift + torch.log(total)).squeeze(dim)
