@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test lint bench clean
+.PHONY: setup run test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+run: setup
+	$(BIN)/python -m recipes.train $(ARGS)
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -24,7 +27,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python benchmarks/losses.py
+	$(BIN)/python -m benchmarks.losses
 
 clean:
 	rm -rf $(VENV)

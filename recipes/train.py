@@ -27,6 +27,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer = builders.build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = builders.scalar_metrics(trainer, "val/")
+    metrics.update(builders.scalar_metrics(trainer, "train/"))
     if cfg.test:
         has_best = trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
         trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None)
