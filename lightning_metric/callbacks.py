@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 
 
 class ThroughputMonitor(pl.Callback):
@@ -33,3 +36,89 @@ class ThroughputMonitor(pl.Callback):
         if self._start is not None and self._samples:
             rate = self._samples / max(self._end - self._start, 1e-9)
             pl_module.log("train/samples_per_second", rate, on_epoch=True)
+
+
+class EmbeddingPlot(pl.Callback):
+    """Saves a UMAP picture of the validation and/or test embeddings as a PNG in the run folder.
+
+    The picture is also logged to W&B and TensorBoard when those loggers are active.
+    Needs the module's ``validation_step`` / ``test_step`` to return
+    ``{"embeddings", "labels"}`` (``MetricLearningModule`` does).
+
+    Args:
+        every_n_epochs: plot validation embeddings every n epochs (0: never).
+        on_test: plot the test embeddings.
+        max_points: a fixed random subset of at most this many points.
+        dirpath: where the PNGs go (default ``<trainer.default_root_dir>/plots``).
+        seed: of the subset and of UMAP.
+    """
+
+    def __init__(
+        self, every_n_epochs: int = 0, on_test: bool = True, max_points: int = 5000,
+        dirpath: str | None = None, seed: int = 0,
+    ):
+        if every_n_epochs < 0 or max_points < 4:
+            raise ValueError(
+                f"every_n_epochs must be >= 0 and max_points >= 4, got {every_n_epochs} and "
+                f"{max_points}"
+            )
+        self.every_n_epochs, self.on_test = every_n_epochs, on_test
+        self.max_points, self.dirpath, self.seed = max_points, dirpath, seed
+        self._batches: list[tuple] = []
+        self.written: list[Path] = []
+
+    def _collect(self, outputs) -> None:
+        if isinstance(outputs, dict) and "embeddings" in outputs:
+            self._batches.append((outputs["embeddings"].detach().cpu(), outputs["labels"].cpu()))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        if self._plots_validation(trainer):
+            self._collect(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                          dataloader_idx=0) -> None:
+        if self.on_test:
+            self._collect(outputs)
+
+    def _plots_validation(self, trainer: pl.Trainer) -> bool:
+        return (self.every_n_epochs > 0 and not trainer.sanity_checking
+                and (trainer.current_epoch + 1) % self.every_n_epochs == 0)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._plots_validation(trainer):
+            self._plot(trainer, f"val_epoch_{trainer.current_epoch:03d}")
+        self._batches.clear()
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if self.on_test:
+            self._plot(trainer, "test")
+        self._batches.clear()
+
+    def _plot(self, trainer: pl.Trainer, name: str) -> None:
+        if not self._batches or not trainer.is_global_zero:
+            return
+        from .plots import plot_embeddings
+
+        embeddings = torch.cat([e for e, _ in self._batches])
+        labels = torch.cat([lab for _, lab in self._batches])
+        datamodule = getattr(trainer, "datamodule", None)
+        class_names = getattr(datamodule, "class_names", None) or None
+        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "plots")
+        path = plot_embeddings(embeddings, labels, folder / f"{name}.png", class_names,
+                               self.max_points, self.seed, title=f"{name} embeddings (UMAP)")
+        self.written.append(path)
+        _log_image(trainer, f"embeddings/{name}", path)
+
+
+def _log_image(trainer: pl.Trainer, key: str, path: Path) -> None:
+    """Send the PNG to the W&B and TensorBoard loggers among the trainer's loggers."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+        elif isinstance(logger, TensorBoardLogger):
+            import matplotlib.image
+
+            image = matplotlib.image.imread(path)
+            logger.experiment.add_image(key, image[..., :3], trainer.global_step,
+                                        dataformats="HWC")

@@ -175,18 +175,20 @@ class MetricLearningModule(pl.LightningModule):
             )
 
     # -- evaluation ----------------------------------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch)
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self._eval_step(batch)
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        """Embeds the batch; callbacks (plots, metrics) receive the returned embeddings."""
         inputs, labels = batch
-        embeddings = self(inputs)
-        self._eval_outputs.append((embeddings.float(), labels))
+        embeddings = self(inputs).float()
+        self._eval_outputs.append((embeddings, labels))
         if self._loss_knows(labels):
             self._eval_losses.append(self.loss(embeddings, labels).detach().float())
+        return {"embeddings": embeddings, "labels": labels}
 
     def _loss_knows(self, labels: Tensor) -> bool:
         """False where the labels are not the loss's classes (class-disjoint evaluation)."""

@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
+import numpy
 import pytest
 import torch
 from conftest import REPO, SHARED_DATA
 
-QUICK = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_model_summary=false"]
+QUICK = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
+         "callbacks.embedding_plot.on_test=false"]
+WITH_PLOT = [*QUICK[:-1], "callbacks.embedding_plot.on_test=true"]
 
 
 def run_recipe(run_dir: Path, *overrides: str, module: str = "recipes.train", check=True):
@@ -34,13 +38,14 @@ def weights(checkpoint: Path) -> dict:
 
 
 def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
-    run_recipe(tmp_path, "loss=triplet", "data=digits", *QUICK)
+    run_recipe(tmp_path, "loss=triplet", "data=digits", *WITH_PLOT)
     found = metrics(tmp_path)
     assert found["test/precision_at_1"] > 0.8
     assert {"test/loss", "val/precision_at_1"} <= set(found)
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "csv").rglob("metrics.csv"))
+    assert_is_a_real_picture(tmp_path / "plots" / "test.png")
 
     eval_dir = tmp_path / "eval"
     run_recipe(eval_dir, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "loss=triplet",
@@ -91,9 +96,20 @@ def test_gradient_accumulation_steps_both_optimizers_every_n_batches(tmp_path):
 
 
 def test_wandb_logger_runs_offline_into_a_syncable_folder(tmp_path):
-    run_recipe(tmp_path, "logger=wandb", *QUICK)
+    run_recipe(tmp_path, "logger=wandb", *WITH_PLOT)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    logged = list(runs[0].rglob("media/images/embeddings/*.png"))
+    assert len(logged) == 1
+    assert_is_a_real_picture(logged[0])
+
+
+def assert_is_a_real_picture(path: Path) -> None:
+    """A PNG of plausible size with many colours: a scatter plot, not a blank canvas."""
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 300
+    colours = numpy.unique((image[..., :3] * 255).astype(int).reshape(-1, 3), axis=0)
+    assert len(colours) > 50
 
 
 @pytest.mark.parametrize(
