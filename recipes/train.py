@@ -1,7 +1,9 @@
 """Train an embedding model: ``python -m recipes.train [loss=arcface] [data=fmnist] ...``.
 
 Every run writes into its Hydra output folder: the resolved config
-(``.hydra/``), checkpoints, the logger's files and ``metrics.json``.
+(``.hydra/``), checkpoints, the logger's files, a UMAP plot of the test
+embeddings (``plots/``), ``metrics.json`` and, with ``export=true``, the test
+embeddings and a FAISS index (``export/``).
 Returns the ``optimized_metric`` for Hydra sweepers.
 """
 
@@ -15,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_metric import builders
+from lightning_metric.export import embed, export_embeddings
 
 builders.register_resolvers()
 
@@ -32,7 +35,11 @@ def train(cfg: DictConfig) -> float | None:
         has_best = trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
         trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None)
         metrics.update(builders.scalar_metrics(trainer, "test/"))
-    builders.write_metrics(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    builders.write_metrics(run_dir / "metrics.json", metrics)
+    if cfg.export:
+        embeddings, labels = embed(module.encoder, datamodule.test_dataloader())
+        export_embeddings(embeddings, labels, run_dir / "export")
     return metrics.get(cfg.optimized_metric)
 
 

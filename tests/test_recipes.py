@@ -38,7 +38,7 @@ def weights(checkpoint: Path) -> dict:
 
 
 def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
-    run_recipe(tmp_path, "loss=triplet", "data=digits", *WITH_PLOT)
+    run_recipe(tmp_path, "loss=triplet", "data=digits", "export=true", *WITH_PLOT)
     found = metrics(tmp_path)
     assert found["test/precision_at_1"] > 0.8
     assert {"test/loss", "val/precision_at_1"} <= set(found)
@@ -51,6 +51,22 @@ def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
     run_recipe(eval_dir, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "loss=triplet",
                "trainer.accelerator=cpu", module="recipes.eval")
     assert metrics(eval_dir)["test/precision_at_1"] > 0.8
+
+    exported = tmp_path / "export"
+    labels = numpy.load(exported / "labels.npy")
+    assert numpy.load(exported / "embeddings.npy").shape == (len(labels), 64)
+    searched = subprocess.run(
+        [sys.executable, "-m", "recipes.search", str(exported), "--query", "5", "-k", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.splitlines()
+    assert searched[0] == f"query 5 (label {labels[5]})"
+    neighbour_labels = [int(line.split()[2]) for line in searched[2:]]
+    assert len(neighbour_labels) == 3 and neighbour_labels.count(labels[5]) >= 2
+
+    export_dir = tmp_path / "exported_again"
+    run_recipe(tmp_path / "export_run", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+               "loss=triplet", f"export_dir={export_dir}", module="recipes.export")
+    assert numpy.load(export_dir / "labels.npy").shape == labels.shape
 
 
 def test_arcface_on_fashion_mnist_trains_hundreds_of_steps(tmp_path):
