@@ -192,7 +192,6 @@ def test_default_init_and_layout_match_pml(name):
     assert ours.state_dict().keys() == theirs.state_dict().keys() == {key}
     torch.testing.assert_close(getattr(ours, key), getattr(theirs, key), rtol=0, atol=0)
     assert getattr(ours, key).dtype == torch.float32
-    assert type(ours).has_learnable_parameters is True
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import IndicesTuple, check_inputs
-from ..distances import to_compute_dtype
+from .._checks import IndicesTuple
 from ..regularizers import get_regularizer
-from ._reduction import SubLoss, connected_zero, reduce_all
+from ._reduction import SubLoss
 from .base import BaseMetricLoss
 
 WeightInit = Callable[[Tensor], object]
@@ -54,7 +53,6 @@ class BaseClassWeightsLoss(BaseMetricLoss):
     :meth:`class_loss` and :meth:`weight_rows`.
     """
 
-    has_learnable_parameters = True
     anchors_only = False
     """Whether a miner's weights count only its anchors (PML's ``using_ref``, for ProxyNCA)."""
 
@@ -85,34 +83,6 @@ class BaseClassWeightsLoss(BaseMetricLoss):
         with torch.no_grad():
             self.weight_init_func(weight)
         return weight
-
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor | None = None,
-        indices_tuple: IndicesTuple | None = None,
-        ref_emb: Tensor | None = None,
-        ref_labels: Tensor | None = None,
-    ) -> Tensor:
-        """Loss of ``embeddings`` ``(B, embedding_size)`` with ``labels`` ``(B,)`` in
-        ``[0, num_classes)``; ``indices_tuple`` (a miner's pairs or triplets) weights each
-        embedding by how often it appears. ``ref_emb`` is not supported.
-        """
-        device_type = embeddings.device.type if isinstance(embeddings, Tensor) else "cpu"
-        # Margins and scales of 30-64 amplify half-precision rounding: compute in float32.
-        with torch.autocast(device_type, enabled=False):
-            labels, _ = check_inputs(embeddings, labels, ref_emb, ref_labels, indices_tuple)
-            if indices_tuple is None and self.miner is not None:
-                indices_tuple = self.miner(embeddings, labels, ref_emb, ref_labels)
-            emb = to_compute_dtype(embeddings)
-            terms = self.compute_loss(emb, labels, indices_tuple, emb, labels, ref_emb is None)
-            if self.embedding_regularizer is not None:
-                reg = self.embedding_regularizer(emb) * self.embedding_reg_weight
-                terms["embedding_reg_loss"] = SubLoss(reg, reduced=True)
-            # Every term depends on the embeddings and the weights, so a zero made from the
-            # terms stays connected to both, without a pass over all the class weights.
-            zero = connected_zero(*(term.values for term in terms.values()))
-            return reduce_all(terms, self.reducer, zero)
 
     def compute_loss(
         self,

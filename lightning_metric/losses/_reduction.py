@@ -8,6 +8,7 @@ the embeddings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,15 @@ def check_reducer(reducer: str) -> str:
     return reducer
 
 
-def reduce(values: Tensor, reducer: str, zero: Tensor) -> Tensor:
+Zero = Tensor | Callable[[], Tensor]
+"""A connected zero, or a function making one when it is needed (it may be costly)."""
+
+
+def _zero(zero: Zero) -> Tensor:
+    return zero() if callable(zero) else zero
+
+
+def reduce(values: Tensor, reducer: str, zero: Zero) -> Tensor:
     """One scalar from ``values`` ``(n,)``; ``zero`` (a connected zero) when nothing counts.
 
     - ``mean``: the mean of all values;
@@ -40,18 +49,19 @@ def reduce(values: Tensor, reducer: str, zero: Tensor) -> Tensor:
     if reducer == "avg_non_zero":
         values = values[values > 0]
     if values.numel() == 0:
-        return zero
+        return _zero(zero)
     if reducer == "sum":
         return values.sum()
     return values.mean()
 
 
-def reduce_all(terms: dict[str, SubLoss], reducer: str, zero: Tensor) -> Tensor:
-    """The sum over terms of each term reduced with ``reducer``."""
-    total = zero
+def reduce_all(terms: dict[str, SubLoss], reducer: str, zero: Zero) -> Tensor:
+    """The sum over terms of each term reduced with ``reducer`` (``zero`` when there are none)."""
+    total = None
     for term in terms.values():
-        total = total + (term.values if term.reduced else reduce(term.values, reducer, zero))
-    return total
+        value = term.values if term.reduced else reduce(term.values, reducer, zero)
+        total = value if total is None else total + value
+    return _zero(zero) if total is None else total
 
 
 def connected_zero(*tensors: Tensor | None) -> Tensor:

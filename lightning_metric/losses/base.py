@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import IndicesTuple, check_inputs
@@ -83,15 +84,17 @@ class BaseMetricLoss(nn.Module):
         if indices_tuple is None and self.miner is not None:
             indices_tuple = self.miner(embeddings, labels, ref_emb, ref_labels)
         same_set = ref_emb is None
-        emb = to_compute_dtype(embeddings)
-        ref = emb if same_set else to_compute_dtype(ref_emb)
-        ref_labels = labels if same_set else ref_labels
-        zero = connected_zero(emb, *self.parameters())
-        terms = self.compute_loss(emb, labels, indices_tuple, ref, ref_labels, same_set)
-        if self.embedding_regularizer is not None:
-            reg = self.embedding_regularizer(emb) * self.embedding_reg_weight
-            terms["embedding_reg_loss"] = SubLoss(reg, reduced=True)
-        return reduce_all(terms, self.reducer, zero)
+        # Margins, scales and exponentials amplify half-precision rounding: compute in float32
+        # (or float64) whatever autocast would choose.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            emb = to_compute_dtype(embeddings)
+            ref = emb if same_set else to_compute_dtype(ref_emb)
+            ref_labels = labels if same_set else ref_labels
+            terms = self.compute_loss(emb, labels, indices_tuple, ref, ref_labels, same_set)
+            if self.embedding_regularizer is not None:
+                reg = self.embedding_regularizer(emb) * self.embedding_reg_weight
+                terms["embedding_reg_loss"] = SubLoss(reg, reduced=True)
+            return reduce_all(terms, self.reducer, lambda: connected_zero(emb, *self.parameters()))
 
     def compute_loss(
         self,

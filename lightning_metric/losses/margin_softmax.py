@@ -278,10 +278,9 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         self.sub_centers = sub_centers
 
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
-        centres = _centre_major(F.normalize(weight, dim=0), self.num_classes, self.sub_centers)
-        cos = F.normalize(embeddings, dim=1) @ centres
-        # A class's cosine is its largest over the sub-centres.
-        cos = _MaxOverCentres.apply(cos.view(len(embeddings), self.sub_centers, self.num_classes))
+        cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=0)
+        # A class's cosine is its largest over its sub-centres (columns class-major).
+        cos = cos.view(len(embeddings), self.num_classes, self.sub_centers).max(dim=2).values
         return cos * self.scale, cos.gather(1, labels.unsqueeze(1)).squeeze(1), 1.0
 
     def get_outliers(
@@ -310,9 +309,7 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
             votes = torch.zeros(
                 self.num_classes, self.sub_centers, device=emb.device, dtype=torch.long
             )
-            votes.index_put_(
-                (labels, sims.argmax(dim=1)), torch.ones_like(labels), accumulate=True
-            )
+            votes.index_put_((labels, sims.argmax(dim=1)), torch.ones_like(labels), accumulate=True)
             dominant = votes.argmax(dim=1)
             dominant_sim = sims.gather(1, dominant[labels].unsqueeze(1)).squeeze(1)
             outliers = torch.where(dominant_sim < math.cos(math.radians(threshold)))[0]
@@ -349,9 +346,7 @@ class NormalizedSoftmaxLoss(BaseClassWeightsLoss):
         >>> loss = loss_fn(torch.randn(32, 128), torch.randint(0, 10, (32,)))
     """
 
-    def __init__(
-        self, num_classes: int, embedding_size: int, temperature: float = 0.05, **kwargs
-    ):
+    def __init__(self, num_classes: int, embedding_size: int, temperature: float = 0.05, **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.temperature = temperature
         self.W = self.new_weight(embedding_size, num_classes)
@@ -374,32 +369,6 @@ class NormalizedSoftmaxLoss(BaseClassWeightsLoss):
         return self.W.to(dtype).T
 
 
-class _MaxOverCentres(torch.autograd.Function):
-    """``x.max(dim=1).values`` of ``x`` ``(B, K, C)``, the gradient going to the first
-    maximal centre as with ``torch.max``; keeps only the argmax (one byte an entry) for
-    backward, not ``x``, and runs faster than ``max`` over a dimension of a few entries.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        best = x[:, 0].clone()
-        small = x.shape[1] <= 256
-        index = torch.zeros(best.shape, dtype=torch.uint8 if small else torch.long, device=x.device)
-        for k in range(1, x.shape[1]):
-            better = x[:, k] > best
-            best = torch.where(better, x[:, k], best)
-            index.masked_fill_(better, k)
-        ctx.save_for_backward(index)
-        ctx.input_shape = x.shape
-        return best
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (index,) = ctx.saved_tensors
-        grad_input = grad.new_zeros(ctx.input_shape)
-        return grad_input.scatter_(1, index.long().unsqueeze(1), grad.unsqueeze(1))
-
-
 def _arc_margin_cosine(cos: Tensor, margin: float) -> Tensor:
     """ArcFace's ``cos(theta + m)``, or ``cos(theta) - m sin(m)`` past ``theta = pi - m``.
 
@@ -411,15 +380,6 @@ def _arc_margin_cosine(cos: Tensor, margin: float) -> Tensor:
     sin = torch.sqrt((1 - cos * cos).clamp(min=_SIN_FLOOR))
     shifted = cos * math.cos(margin) - sin * math.sin(margin)
     return torch.where(cos >= -math.cos(margin), shifted, cos - margin * math.sin(margin))
-
-
-def _centre_major(weight: Tensor, num_classes: int, per_class: int) -> Tensor:
-    """Columns reordered from class-major (PML's layout, ``c * per_class + k``) to
-    centre-major (``k * num_classes + c``): reductions over a class's centres then run
-    over a leading dimension, much faster than over a short trailing one.
-    """
-    dim = weight.shape[0]
-    return weight.view(dim, num_classes, per_class).transpose(1, 2).reshape(dim, -1)
 
 
 def _chebyshev(cos: Tensor, m: int) -> Tensor:

@@ -59,9 +59,7 @@ class ProxyNCALoss(BaseClassWeightsLoss):
 
     anchors_only = True
 
-    def __init__(
-        self, num_classes: int, embedding_size: int, softmax_scale: float = 1, **kwargs
-    ):
+    def __init__(self, num_classes: int, embedding_size: int, softmax_scale: float = 1, **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
         self.softmax_scale = softmax_scale
         self.proxies = self.new_weight(num_classes, embedding_size)
