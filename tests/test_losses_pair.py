@@ -33,6 +33,7 @@ DISTANCES = {
         lambda: distances.DotProductSimilarity(normalize_embeddings=False),
         lambda: pml_distances.DotProductSimilarity(normalize_embeddings=False),
     ),
+    "snr": (lambda: "snr", lambda: pml_distances.SNRDistance()),
     "raw_l1": (
         lambda: distances.LpDistance(p=1, normalize_embeddings=False),
         lambda: pml_distances.LpDistance(p=1, normalize_embeddings=False),
@@ -55,6 +56,7 @@ CASES = [
     ("SignalToNoiseRatioContrastiveLoss", {}),
     ("SignalToNoiseRatioContrastiveLoss", {"pos_margin": 0.1, "neg_margin": 1.5}),
     ("SignalToNoiseRatioContrastiveLoss", {"reducer": "mean"}),
+    ("SignalToNoiseRatioContrastiveLoss", {"distance": "snr", "neg_margin": 0.7}),
     ("LiftedStructureLoss", {}),
     ("LiftedStructureLoss", {"neg_margin": 0.5, "pos_margin": 0.3}),
     ("LiftedStructureLoss", {"distance": "cosine", "neg_margin": 0.2, "pos_margin": 0.9}),

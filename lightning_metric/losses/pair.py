@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .._checks import IndicesTuple
 from ..distances import BaseDistance, CosineSimilarity, SNRDistance
-from ..indices import label_masks, pair_masks, to_pairs
+from ..indices import pair_masks, to_pairs
 from ._reduction import SubLoss
 from .base import BaseMetricLoss
 
@@ -44,30 +44,86 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Pairs as matrices, and the two operations every loss below is made of.
+# Pairs as weight matrices, and the reductions every loss below is made of.
+
+
+@dataclass
+class _PairWeights:
+    """Pairs of one kind (positive or negative) as an ``(N, M)`` weight matrix.
+
+    ``weights[i, j]``: how many times the pair (query ``i``, reference ``j``) counts: 0 or 1
+    for pairs from labels and for the losses that PML computes on a 0/1 mask, else how many
+    times an ``indices_tuple`` lists the pair. ``binary``: every weight is 0 or 1. ``listed``:
+    the number of listed pairs.
+
+    Weights are floats in the compute dtype: masking by multiplication is many times faster
+    than ``torch.where`` or ``masked_fill`` on the CPU, and every masked value here is finite.
+    """
+
+    weights: Tensor
+    listed: int
+    binary: bool
+
+    def reduce(self, values: Tensor, reducer: str) -> Tensor:
+        """PML's reduction of ``values`` (finite, >= 0) over the listed pairs.
+
+        ``"mean"``, ``"sum"``, or ``"avg_non_zero"`` (mean over pairs with a loss above 0);
+        0, still connected to ``values``, when no pair counts.
+        """
+        weighted = values * self.weights
+        total = weighted.sum()
+        if reducer == "sum":
+            return total
+        if reducer == "mean":
+            count = self.weights.sum()
+        elif self.binary:
+            count = weighted.detach().count_nonzero()
+        else:
+            count = (self.weights * values.detach().sign()).sum()
+        return total / count.clamp(min=1)
+
+    def mean(self, values: Tensor) -> Tensor:
+        return self.reduce(values, "mean")
+
+    def logsumexp(self, logits: Tensor) -> Tensor:
+        """Per row, ``log(sum_j weights_ij * exp(logits_ij))`` over the row's pairs.
+
+        Rows without pairs give a hugely negative (finite) number, so that adding them to a
+        ``logaddexp`` changes nothing and no gradient turns into NaN.
+        """
+        huge = torch.finfo(logits.dtype).max
+        if self.binary:
+            log_weights = (self.weights - 1) * huge  # 0 where kept, -huge where masked
+        else:
+            log_weights = self.weights.log().clamp(min=-huge)
+        return _logsumexp_rows(logits + log_weights)
+
+    def row_logsumexp(self, logits: Tensor, add_one: bool = False) -> Tensor:
+        """PML's ``logsumexp`` over each row's pairs: 0 for rows without pairs.
+
+        ``add_one`` adds an ``exp(0)`` term: ``log(1 + sum_j exp(logits_ij))``.
+        """
+        lse = self.logsumexp(logits)
+        if add_one:
+            return torch.logaddexp(lse, torch.zeros_like(lse))
+        return lse * self.rows_with_pairs()
+
+    def rows_with_pairs(self) -> Tensor:
+        """``(N,)`` float: 1 for the rows with at least one pair, else 0."""
+        return (self.weights.amax(dim=1) > 0).to(self.weights.dtype)
 
 
 @dataclass
 class _Pairs:
-    """The pairs a loss uses, as ``(N, M)`` weights over (query, reference) entries.
+    """The positive and the negative pairs a loss uses."""
 
-    ``pos[i, j]`` / ``neg[i, j]``: how many times the pair counts (0 or 1 for pairs from labels;
-    for an ``indices_tuple``, how many times it lists the pair, or 0/1 for the losses that PML
-    computes on a 0/1 mask). ``n_pos`` / ``n_neg``: the number of listed pairs.
-
-    Weights are float tensors in the compute dtype: masking by multiplication is several times
-    faster than ``torch.where`` on the CPU, and every masked value here is finite.
-    """
-
-    pos: Tensor
-    neg: Tensor
-    n_pos: int
-    n_neg: int
+    pos: _PairWeights
+    neg: _PairWeights
 
     @property
     def too_few(self) -> bool:
         """PML's rule: at most one positive and at most one negative pair means no loss."""
-        return self.n_pos <= 1 and self.n_neg <= 1
+        return self.pos.listed <= 1 and self.neg.listed <= 1
 
 
 def _select_pairs(
@@ -84,18 +140,29 @@ def _select_pairs(
     ``counts``: a pair listed twice counts twice (else once).
     """
     if indices_tuple is None:
-        pos, neg = label_masks(labels, ref_labels, same_set)
-        n_pos, n_neg = torch.stack([pos.count_nonzero(), neg.count_nonzero()]).tolist()
-        return _Pairs(pos.to(like.dtype), neg.to(like.dtype), n_pos, n_neg)
+        return _label_pairs(labels, ref_labels, same_set, like.dtype)
     a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels, same_set)
     if counts:
         pos, neg = _count_matrix(a1, p, shape, like), _count_matrix(a2, n, shape, like)
+        binary = not bool(torch.maximum(pos.amax(), neg.amax()) > 1)
     else:
         pos, neg = pair_masks((a1, p, a2, n), shape, like.device)
         if bool((pos & neg).any()):
             raise ValueError("indices_tuple lists a pair both as positive and as negative")
-        pos, neg = pos.to(like.dtype), neg.to(like.dtype)
-    return _Pairs(pos, neg, len(a1), len(a2))
+        pos, neg, binary = pos.to(like.dtype), neg.to(like.dtype), True
+    return _Pairs(_PairWeights(pos, len(a1), binary), _PairWeights(neg, len(a2), binary))
+
+
+def _label_pairs(labels: Tensor, ref_labels: Tensor, same_set: bool, dtype) -> _Pairs:
+    """Every pair: positive when the labels match (an item is not its own positive)."""
+    same = labels[:, None] == ref_labels[None, :]
+    n_same = int(same.count_nonzero())
+    n_pos = n_same - len(labels) if same_set else n_same
+    same = same.to(dtype)
+    neg = _PairWeights(1 - same, same.numel() - n_same, binary=True)
+    if same_set:
+        same.fill_diagonal_(0)
+    return _Pairs(_PairWeights(same, n_pos, binary=True), neg)
 
 
 def _count_matrix(rows: Tensor, cols: Tensor, shape: tuple[int, int], like: Tensor) -> Tensor:
@@ -105,48 +172,15 @@ def _count_matrix(rows: Tensor, cols: Tensor, shape: tuple[int, int], like: Tens
     return counts.index_put_((rows, cols), ones, accumulate=True)
 
 
-def _weighted_reduce(values: Tensor, weights: Tensor, reducer: str) -> Tensor:
-    """Reduce ``values[i, j]`` counted ``weights[i, j]`` times (``values`` must be finite).
-
-    Gives what PML's reducer gives on the list of pairs; 0 (still connected to ``values``)
-    when no pair counts.
-    """
-    if reducer == "avg_non_zero":
-        weights = weights * (values > 0)
-    total = (values * weights).sum()
-    if reducer == "sum":
-        return total
-    return total / weights.sum().clamp(min=1)
+def _logsumexp_rows(x: Tensor) -> Tensor:
+    """``log(sum_j exp(x_ij))`` per row, shifted by the row's maximum for stability."""
+    shift = x.detach().amax(dim=1, keepdim=True)
+    return (x - shift).exp().sum(dim=1).log() + shift[:, 0]
 
 
-def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    return _weighted_reduce(values, weights, "mean")
-
-
-def _masked_logsumexp(logits: Tensor, weights: Tensor) -> Tensor:
-    """Per row, ``log(sum_j weights_ij * exp(logits_ij))`` over the entries with weight > 0.
-
-    Rows without entries give a hugely negative (finite) number, so that adding them to a
-    ``logaddexp`` changes nothing and no gradient turns into NaN.
-    """
-    log_weights = weights.log().clamp(min=torch.finfo(logits.dtype).min)
-    return torch.logsumexp(logits + log_weights, dim=1)
-
-
-def _has_pairs(weights: Tensor) -> Tensor:
-    """``(N,)`` float: 1 for the rows with at least one pair, else 0."""
-    return (weights.amax(dim=1) > 0).to(weights.dtype)
-
-
-def _row_logsumexp(logits: Tensor, weights: Tensor, add_one: bool = False) -> Tensor:
-    """PML's ``logsumexp`` over each row's pairs: 0 for rows without pairs.
-
-    ``add_one`` adds an ``exp(0)`` term: ``log(1 + sum_j exp(logits_ij))``.
-    """
-    lse = _masked_logsumexp(logits, weights)
-    if add_one:
-        return torch.logaddexp(lse, torch.zeros_like(lse))
-    return lse * _has_pairs(weights)
+def _hinge(x: Tensor) -> Tensor:
+    """``relu(x)`` for a fresh temporary ``x`` (in place: one ``(N, M)`` buffer fewer)."""
+    return F.relu(x, inplace=True)
 
 
 def _reduced(value: Tensor) -> SubLoss:
@@ -244,13 +278,13 @@ class ContrastiveLoss(_PairLoss):
         self.power = power
 
     def pair_loss(self, mat, pairs):
-        pos = F.relu(self.distance.margin(mat, self.pos_margin))
-        neg = F.relu(self.distance.margin(self.neg_margin, mat))
+        pos = _hinge(self.distance.margin(mat, self.pos_margin))
+        neg = _hinge(self.distance.margin(self.neg_margin, mat))
         if self.power != 1:
             pos, neg = pos**self.power, neg**self.power
         return {
-            "pos_loss": _reduced(_weighted_reduce(pos, pairs.pos, self.reducer)),
-            "neg_loss": _reduced(_weighted_reduce(neg, pairs.neg, self.reducer)),
+            "pos_loss": _reduced(pairs.pos.reduce(pos, self.reducer)),
+            "neg_loss": _reduced(pairs.neg.reduce(neg, self.reducer)),
         }
 
 
@@ -337,15 +371,13 @@ class LiftedStructureLoss(_PairLoss):
         self.pos_margin = pos_margin
 
     def pair_loss(self, mat, pairs):
-        if pairs.n_pos == 0 or pairs.n_neg == 0:
+        if pairs.pos.listed == 0 or pairs.neg.listed == 0:
             return {}
-        neg_logits = self.distance.margin(self.neg_margin, mat)
+        row_lse = pairs.neg.logsumexp(self.distance.margin(self.neg_margin, mat))
         # Negatives of pair (a, p): those anchored at a (row a) and those anchored at p (row p).
-        neg_lse = _lse_of_anchor_and_positive(
-            _masked_logsumexp(neg_logits, pairs.neg), _has_pairs(pairs.neg), mat.shape[1]
-        )
-        per_pair = F.relu(neg_lse + self.distance.margin(mat, self.pos_margin)) ** 2 / 2
-        return {"loss": _reduced(_weighted_reduce(per_pair, pairs.pos, self.reducer))}
+        neg_lse = _lse_of_anchor_and_positive(row_lse, pairs.neg.rows_with_pairs(), mat.shape[1])
+        per_pair = _hinge(neg_lse + self.distance.margin(mat, self.pos_margin)).square() / 2
+        return {"loss": _reduced(pairs.pos.reduce(per_pair, self.reducer))}
 
 
 def _lse_of_anchor_and_positive(row_lse: Tensor, row_has: Tensor, n_ref: int) -> Tensor:
@@ -399,8 +431,10 @@ class GeneralizedLiftedStructureLoss(_PairLoss):
         self.pos_margin = pos_margin
 
     def pair_loss(self, mat, pairs):
-        pos_lse = _row_logsumexp(self.distance.margin(mat, self.pos_margin), pairs.pos)
-        neg_lse = _row_logsumexp(self.distance.margin(self.neg_margin, mat), pairs.neg)
+        pos_logits = self.distance.margin(mat, self.pos_margin)
+        neg_logits = self.distance.margin(self.neg_margin, mat)
+        pos_lse = pairs.pos.row_logsumexp(pos_logits)
+        neg_lse = pairs.neg.row_logsumexp(neg_logits)
         return {"loss": SubLoss(F.relu(pos_lse + neg_lse))}
 
 
@@ -446,8 +480,8 @@ class MultiSimilarityLoss(_PairLoss):
     def pair_loss(self, mat, pairs):
         pos_logits = self.alpha * self.distance.margin(mat, self.base)
         neg_logits = self.beta * self.distance.margin(self.base, mat)
-        pos_loss = _row_logsumexp(pos_logits, pairs.pos, add_one=True) / self.alpha
-        neg_loss = _row_logsumexp(neg_logits, pairs.neg, add_one=True) / self.beta
+        pos_loss = pairs.pos.row_logsumexp(pos_logits, add_one=True) / self.alpha
+        neg_loss = pairs.neg.row_logsumexp(neg_logits, add_one=True) / self.beta
         return {"loss": SubLoss(pos_loss + neg_loss)}
 
 
@@ -503,9 +537,9 @@ class CircleLoss(_PairLoss):
         sim = mat.detach()
         pos_logits = -self.gamma * F.relu(1 + self.m - sim) * (mat - (1 - self.m))
         neg_logits = self.gamma * F.relu(sim + self.m) * (mat - self.m)
-        pos_lse = _row_logsumexp(pos_logits, pairs.pos)
-        neg_lse = _row_logsumexp(neg_logits, pairs.neg)
-        has_both = _has_pairs(pairs.pos) * _has_pairs(pairs.neg)
+        pos_lse = pairs.pos.row_logsumexp(pos_logits)
+        neg_lse = pairs.neg.row_logsumexp(neg_logits)
+        has_both = pairs.pos.rows_with_pairs() * pairs.neg.rows_with_pairs()
         losses = F.softplus(pos_lse + neg_lse) * has_both
         return {"loss": SubLoss(losses)}
 
@@ -553,15 +587,15 @@ class TupletMarginLoss(_PairLoss):
         return CosineSimilarity()
 
     def pair_loss(self, mat, pairs):
-        if pairs.n_pos == 0 or pairs.n_neg == 0:
+        if pairs.pos.listed == 0 or pairs.neg.listed == 0:
             return {}
         eps = torch.finfo(mat.dtype).eps
         angle = torch.acos(mat.clamp(-1 + eps, 1 - eps))
         pos_with_margin = torch.cos(angle - self.margin_radians)
-        neg_lse = _masked_logsumexp(self.scale * mat, pairs.neg)
+        neg_lse = pairs.neg.logsumexp(self.scale * mat)
         logits = neg_lse[:, None] - self.scale * pos_with_margin
         per_pair = torch.logaddexp(logits, torch.zeros_like(logits))
-        return {"loss": _reduced(_weighted_reduce(per_pair, pairs.pos, self.reducer))}
+        return {"loss": _reduced(pairs.pos.reduce(per_pair, self.reducer))}
 
 
 class IntraPairVarianceLoss(_PairLoss):
@@ -599,14 +633,15 @@ class IntraPairVarianceLoss(_PairLoss):
     def pair_loss(self, mat, pairs):
         inverted = self.distance.is_inverted
         terms = {}
-        for name, weights, count, eps, push_up in (
-            ("pos_loss", pairs.pos, pairs.n_pos, self.pos_eps, inverted),
-            ("neg_loss", pairs.neg, pairs.n_neg, self.neg_eps, not inverted),
-        ):
-            if count > 0:
-                spread = _spread_from_mean(mat, _weighted_mean(mat, weights), eps, push_up)
-                terms[name] = _reduced(_weighted_reduce(F.relu(spread) ** 2, weights, self.reducer))
+        if pairs.pos.listed > 0:
+            terms["pos_loss"] = self._term(mat, pairs.pos, self.pos_eps, push_up=inverted)
+        if pairs.neg.listed > 0:
+            terms["neg_loss"] = self._term(mat, pairs.neg, self.neg_eps, push_up=not inverted)
         return terms
+
+    def _term(self, mat: Tensor, pairs: _PairWeights, eps: float, push_up: bool) -> SubLoss:
+        spread = _spread_from_mean(mat, pairs.mean(mat), eps, push_up)
+        return _reduced(pairs.reduce(_hinge(spread).square(), self.reducer))
 
 
 def _spread_from_mean(values: Tensor, mean: Tensor, eps: float, push_up: bool) -> Tensor:
