@@ -8,10 +8,12 @@ Peak memory on the CPU is the growth of the process's peak resident set size
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -51,10 +53,21 @@ def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: 
     return statistics.median(times[1:]), max(peak, 0.0)
 
 
-def cap_memory(gigabytes: float) -> None:
-    """Make allocations beyond ``gigabytes`` of address space fail instead of swapping."""
-    limit = int(gigabytes * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+def cap_memory(gigabytes: float, poll_s: float = 0.02) -> None:
+    """Exit (code 3) as soon as this process's resident memory passes ``gigabytes``.
+
+    A watchdog thread rather than ``RLIMIT_AS``: an address-space limit slows torch's
+    allocator down by an order of magnitude and would distort the timings.
+    """
+
+    def watch() -> None:
+        while True:
+            if current_rss_mb() > gigabytes * 1024:
+                print(f"out of memory: more than {gigabytes:g} GB", file=sys.stderr, flush=True)
+                os._exit(3)
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run_isolated(module: str, args: list[str], timeout: float) -> dict | None:

@@ -122,3 +122,56 @@ def _log_image(trainer: pl.Trainer, key: str, path: Path) -> None:
             image = matplotlib.image.imread(path)
             logger.experiment.add_image(key, image[..., :3], trainer.global_step,
                                         dataformats="HWC")
+
+
+class RetrievalMetrics(pl.Callback):
+    """Logs retrieval metrics of the validation and test embeddings: ``val/<key>``, ``test/<key>``.
+
+    At the end of each validation (test) epoch the embeddings of the whole set
+    retrieve from each other (each item excluded from its own neighbours), and
+    :func:`~lightning_metric.evaluation.retrieval_metrics` gives ``precision_at_1``,
+    ``r_precision``, ``mean_average_precision_at_r``, ``recall_at_k``, ``NMI``, ... logged
+    through Lightning, so ``ModelCheckpoint``, ``EarlyStopping`` and sweeps can monitor
+    them. Under DDP the embeddings of all ranks are gathered first
+    (:class:`~lightning_metric.metrics.RetrievalMetric` does it), so the metrics are global.
+    Needs the module's ``validation_step`` / ``test_step`` to return
+    ``{"embeddings", "labels"}`` (``MetricLearningModule`` does).
+
+    Args:
+        distance, k, index, include: passed to ``retrieval_metrics``.
+    """
+
+    def __init__(self, distance: str = "cosine", k: int | str | None = "max_bin_count",
+                 index: str = "exact", include: list[str] | None = None):
+        from .metrics import RetrievalMetric
+
+        self.metric = RetrievalMetric(distance=distance, k=k, index=index, include=include)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.metric = self.metric.to(pl_module.device)
+
+    def _update(self, outputs) -> None:
+        if isinstance(outputs, dict) and "embeddings" in outputs:
+            self.metric.update(outputs["embeddings"], outputs["labels"])
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        self._update(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                          dataloader_idx=0) -> None:
+        self._update(outputs)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")
+
+    def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.metric.update_called:
+            return
+        results = self.metric.compute()
+        self.metric.reset()
+        pl_module.log_dict({f"{stage}/{key}": value.float() for key, value in results.items()},
+                           prog_bar=False)

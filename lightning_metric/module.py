@@ -9,7 +9,10 @@ gradient accumulation (``accumulate_grad_batches``: both optimizers step
 every N batches). Set those on the module, not the Trainer
 (``recipes.train`` moves them for you). Mixed precision, checkpoints (both
 optimizers' and schedulers' states, the loss's parameters) and loggers are
-Lightning's as usual.
+Lightning's as usual. Retrieval metrics and embedding plots come from the
+callbacks (:class:`~lightning_metric.callbacks.RetrievalMetrics`,
+:class:`~lightning_metric.callbacks.EmbeddingPlot`), which read the embeddings
+``validation_step`` / ``test_step`` return.
 
 Example::
 
@@ -25,8 +28,6 @@ from functools import partial
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-
-from .evaluation import precision_at_1
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -93,7 +94,6 @@ class MetricLearningModule(pl.LightningModule):
         self.gradient_clip_val = gradient_clip_val or 0.0
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.accumulate_grad_batches = accumulate_grad_batches
-        self._eval_outputs: list[tuple[Tensor, Tensor]] = []
         self._eval_losses: list[Tensor] = []
 
     @property
@@ -185,7 +185,6 @@ class MetricLearningModule(pl.LightningModule):
         """Embeds the batch; callbacks (plots, metrics) receive the returned embeddings."""
         inputs, labels = batch
         embeddings = self(inputs).float()
-        self._eval_outputs.append((embeddings, labels))
         if self._loss_knows(labels):
             self._eval_losses.append(self.loss(embeddings, labels).detach().float())
         return {"embeddings": embeddings, "labels": labels}
@@ -202,13 +201,7 @@ class MetricLearningModule(pl.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
-        if not self._eval_outputs:
-            return
-        embeddings = torch.cat([e for e, _ in self._eval_outputs])
-        labels = torch.cat([lab for _, lab in self._eval_outputs])
-        metrics = {f"{stage}/precision_at_1": precision_at_1(embeddings, labels)}
         if self._eval_losses:
-            metrics[f"{stage}/loss"] = torch.stack(self._eval_losses).mean().item()
-        self._eval_outputs.clear()
+            value = torch.stack(self._eval_losses).mean()
+            self.log(f"{stage}/loss", value, prog_bar=stage == "val", sync_dist=True)
         self._eval_losses.clear()
-        self.log_dict(metrics, prog_bar=stage == "val", sync_dist=True)

@@ -120,6 +120,17 @@ def test_parity_with_pml_against_a_reference_set(case, ours, theirs, pattern, in
     assert_parity(ours(), theirs(), embeddings, labels, **kwargs)
 
 
+@pytest.mark.parametrize("indices", ["pairs", "triplets"])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [(NTXentLoss, pml_losses.NTXentLoss), (SupConLoss, pml_losses.SupConLoss)],
+    ids=["ntxent", "supcon"],
+)
+def test_indices_tuple_without_labels(ours, theirs, indices):
+    tuple_ = make_tuple(indices, PATTERNS["four_per_class"])
+    assert_parity(ours(), theirs(), random_embeddings(seed=4), None, indices_tuple=tuple_)
+
+
 # ---- NTXent -------------------------------------------------------------------------------
 
 
@@ -336,3 +347,23 @@ def test_first_two_per_label_are_pmls_npairs_pairs(seed):
     ours = first_two_per_label(labels)
     theirs = lmu.convert_to_pos_pairs_with_unique_labels(None, labels)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+@pytest.mark.parametrize("kind", ["all", "mask", "counts"])
+def test_masked_logsumexp_gradcheck(kind):
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(5, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = {
+        "all": None,
+        "mask": torch.rand(5, 7, generator=generator) < 0.5,
+        "counts": torch.randint(0, 3, (5, 7), generator=generator).double(),
+    }[kind]
+    if weights is not None:
+        weights[1] = 0  # an empty row: -inf, gradient 0
+        weights[2, 3] = 1
+    lse = masked_logsumexp(logits, weights)
+    reference = torch.logsumexp(logits.detach() + (
+        0 if weights is None else weights.double().log()), dim=1)
+    torch.testing.assert_close(lse.detach(), reference)
+    finite = torch.isfinite(lse)
+    torch.autograd.gradcheck(lambda x: masked_logsumexp(x, weights)[finite], (logits,))

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_metric import losses
+from lightning_metric.callbacks import RetrievalMetrics
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.encoders import MLP
 from lightning_metric.module import MetricLearningModule, NonFiniteLossError
@@ -29,7 +30,7 @@ def test_module_loss_and_class_sampler_train_in_a_plain_trainer():
     loader = DataLoader(data.train_set, batch_sampler=ClassBalancedBatchSampler(
         data.train_labels(), batch_size=32, m_per_class=4))
     module = MetricLearningModule(MLP(64, 16), losses.TripletMarginLoss(margin=0.2))
-    trainer = _trainer(max_epochs=3)
+    trainer = _trainer(max_epochs=3, callbacks=[RetrievalMetrics()])
     before = _test_precision(trainer, module, data)
     trainer.fit(module, train_dataloaders=loader)
     after = _test_precision(trainer, module, data)

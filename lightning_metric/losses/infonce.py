@@ -19,19 +19,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import IndicesTuple
 from ..distances import BaseDistance, CosineSimilarity, to_compute_dtype
 from ..indices import label_masks, pair_masks, to_pairs
 from ._reduction import SubLoss
 from .base import BaseMetricLoss
 
 
-def similarity_logits(mat: Tensor, distance: BaseDistance, scale: float) -> Tensor:
-    """``mat`` turned into "larger is closer" units (distances negated), times ``scale``.
+def similarity_logits(
+    distance: BaseDistance, query: Tensor, ref: Tensor | None, scale: float
+) -> Tensor:
+    """``distance(query, ref)`` in "larger is closer" units (distances negated), times ``scale``.
 
-    Half-precision matrices (from autocast) are computed on in float32.
+    Half-precision matrices (from autocast) are computed on in float32. The raw matrix
+    is not kept: only the scaled one lives on.
     """
-    return to_compute_dtype(mat) * (scale if distance.is_inverted else -scale)
+    mat = to_compute_dtype(distance(query, ref))
+    return mat * (scale if distance.is_inverted else -scale)
 
 
 class _RowLogSumExp(torch.autograd.Function):
@@ -39,7 +42,8 @@ class _RowLogSumExp(torch.autograd.Function):
 
     One fused softmax kernel forward and one product backward (``torch.logsumexp``
     makes several passes both ways). ``lse = max(x) - log(max(softmax(x)))``: the
-    largest probability is at least ``1/M``, so its log loses nothing.
+    largest probability is at least ``1/M``, so its log loses nothing. Differentiable
+    once (no double backward).
     """
 
     @staticmethod
@@ -64,13 +68,13 @@ def masked_logsumexp(logits: Tensor, weights: Tensor | None = None) -> Tensor:
     """
     if weights is None:
         return _RowLogSumExp.apply(logits)
+    has_any = weights.sum(dim=1) > 0
     if weights.dtype == torch.bool:
         # Excluded entries move to about -finfo.max, where exp() is exactly 0.
-        weights = weights.to(logits.dtype)
-        logits = logits + (weights - 1) * torch.finfo(logits.dtype).max
+        penalty = weights.to(logits.dtype).sub_(1).mul_(torch.finfo(logits.dtype).max)
+        logits = logits + penalty
     else:
         logits = logits + weights.to(logits.dtype).log()
-    has_any = weights.sum(dim=1) > 0
     if has_any.all():
         return _RowLogSumExp.apply(logits)
     # Empty rows are computed on zeros, then set to -inf (their gradient is then 0).
@@ -101,19 +105,21 @@ def info_nce(
     return log_z - positive
 
 
-def pair_counts(anchors: Tensor, others: Tensor, shape: tuple[int, int], dtype) -> Tensor:
+def pair_counts(
+    anchors: Tensor, others: Tensor, shape: tuple[int, int], dtype: torch.dtype
+) -> Tensor:
     """``(N, M)`` matrix counting how often each pair appears in ``(anchors, others)``."""
     counts = torch.zeros(shape, dtype=dtype, device=anchors.device)
     ones = torch.ones(len(anchors), dtype=dtype, device=anchors.device)
     return counts.index_put_((anchors, others), ones, accumulate=True)
 
 
-def too_few_pairs(pairs: IndicesTuple) -> bool:
-    """PML's pair losses return 0 when every index list has at most one entry.
+def too_few_pairs(num_positive_pairs: int, num_negative_pairs: int) -> bool:
+    """PML's pair losses return 0 when there is at most one positive and one negative pair.
 
-    Kept for parity: a single positive with a single negative pair gives 0.
+    Kept for parity: a single triplet gives 0.
     """
-    return all(len(indices) <= 1 for indices in pairs)
+    return max(num_positive_pairs, num_negative_pairs) <= 1
 
 
 class NTXentLoss(BaseMetricLoss):
@@ -164,10 +170,10 @@ class NTXentLoss(BaseMetricLoss):
             rows, cols, a2, n = to_pairs(indices_tuple, labels, ref_labels, same_set)
             negatives = pair_counts(a2, n, shape, embeddings.dtype)
             num_negatives = len(a2)
-        if len(rows) == 0 or num_negatives == 0 or max(len(rows), num_negatives) <= 1:
-            return {}  # the last test: PML's "too few pairs", see too_few_pairs
-        mat = self.distance(embeddings, None if same_set else ref_emb)
-        logits = similarity_logits(mat, self.distance, 1 / self.temperature)
+        if min(len(rows), num_negatives) == 0 or too_few_pairs(len(rows), num_negatives):
+            return {}
+        ref = None if same_set else ref_emb
+        logits = similarity_logits(self.distance, embeddings, ref, 1 / self.temperature)
         return {"loss": SubLoss(info_nce(logits, rows, cols, negatives, add_positive=True))}
 
     def extra_repr(self) -> str:
@@ -217,19 +223,17 @@ class SupConLoss(BaseMetricLoss):
         shape = (len(embeddings), len(ref_emb))
         if indices_tuple is None:
             positive, negative = label_masks(labels, ref_labels, same_set)
-            if max(int(positive.sum()), int(negative.sum())) <= 1:
-                return {}  # PML's "too few pairs", see too_few_pairs
+            num_pairs = int(positive.sum()), int(negative.sum())
         else:
             pairs = to_pairs(indices_tuple, labels, ref_labels, same_set)
-            if too_few_pairs(pairs):
-                return {}
             positive, negative = pair_masks(pairs, shape, embeddings.device)
+            num_pairs = len(pairs[0]), len(pairs[2])
             if (positive & negative).any():
                 raise ValueError("a pair of indices_tuple is both positive and negative")
-        if not positive.any() or not negative.any():
+        if min(num_pairs) == 0 or too_few_pairs(*num_pairs):
             return {}
-        mat = self.distance(embeddings, None if same_set else ref_emb)
-        logits = similarity_logits(mat, self.distance, 1 / self.temperature)
+        ref = None if same_set else ref_emb
+        logits = similarity_logits(self.distance, embeddings, ref, 1 / self.temperature)
         rows, cols = torch.where(positive)
         per_pair = info_nce(logits, rows, cols, positive | negative)
         per_anchor = torch.zeros(shape[0], dtype=logits.dtype, device=logits.device)

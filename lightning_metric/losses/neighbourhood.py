@@ -19,7 +19,11 @@ from .infonce import info_nce, masked_logsumexp, similarity_logits
 
 
 def occurrence_weights(
-    indices_tuple: IndicesTuple | None, n: int, anchors_only: bool, dtype, device
+    indices_tuple: IndicesTuple | None,
+    n: int,
+    anchors_only: bool,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tensor:
     """Per-item weights ``(n,)`` from how often each item appears in ``indices_tuple``.
 
@@ -50,7 +54,9 @@ def first_two_per_label(labels: Tensor) -> tuple[Tensor, Tensor]:
     return order[starts], order[starts + 1]
 
 
-def first_pair_per_label(anchors: Tensor, positives: Tensor, labels: Tensor):
+def first_pair_per_label(
+    anchors: Tensor, positives: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
     """The first pair (in list order) of every anchor label, sorted by label.
 
     What PML's ``convert_to_pos_pairs_with_unique_labels`` selects with
@@ -120,8 +126,8 @@ class NCALoss(BaseMetricLoss):
             raise ValueError("NCALoss needs labels")
         if len(embeddings) <= 1:
             return {}
-        mat = self.distance(embeddings, None if same_set else ref_emb)
-        logits = similarity_logits(mat, self.distance, self.softmax_scale)
+        ref = None if same_set else ref_emb
+        logits = similarity_logits(self.distance, embeddings, ref, self.softmax_scale)
         positive = (labels.unsqueeze(1) == ref_labels.unsqueeze(0)).to(logits.dtype)
         if same_set:
             positive.fill_diagonal_(0)
@@ -175,7 +181,6 @@ class NPairsLoss(BaseMetricLoss):
             anchors, positives = first_pair_per_label(anchors, positives, labels)
         if len(anchors) == 0:
             return {}
-        mat = self.distance(embeddings[anchors], embeddings[positives])
-        logits = similarity_logits(mat, self.distance, 1)
+        logits = similarity_logits(self.distance, embeddings[anchors], embeddings[positives], 1)
         diagonal = torch.arange(len(anchors), device=logits.device)
         return {"loss": SubLoss(info_nce(logits, diagonal, diagonal))}

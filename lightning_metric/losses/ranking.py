@@ -25,24 +25,26 @@ def soft_histograms(
     Bin ``e`` is centred on ``e * delta`` (``delta = max_value / num_bins``) and an entry
     ``d`` adds ``relu(1 - |d - centre| / delta)`` to it. Only the three bins around ``d``
     can be non-zero, so instead of a ``(num_bins + 1, N, M)`` pulse tensor this computes
-    three ``(N, M)`` ones and scatters them into their bins.
+    three ``(N, M)`` ones and scatters them into their bins. ``masks`` (boolean ``(N, M)``)
+    must be disjoint: all histograms are filled by the same scatter.
     """
+    rows = dist.shape[0]
+    width = num_bins + 3  # one padding bin on each side, dropped at the end
     delta = max_value / num_bins
     centres = torch.linspace(0.0, max_value, num_bins + 1, dtype=dist.dtype, device=dist.device)
-    # Padded with one bin on each side, dropped at the end: slot e + 1 holds bin e.
     padded = torch.cat([centres[:1] - delta, centres, centres[-1:] + delta])
     nearest = torch.round(dist.detach() / delta).clamp_(0, num_bins).long()
-    shape = (dist.shape[0], num_bins + 3)
-    masks = [mask.to(dist.dtype) for mask in masks]
-    histograms = [torch.zeros(shape, dtype=dist.dtype, device=dist.device) for _ in masks]
+    # Slot of bin "nearest - 1" in the histogram of each entry's mask; unmasked entries weigh 0.
+    first_slot = nearest.clone()
+    in_any = torch.zeros_like(dist)
+    for k, mask in enumerate(masks):
+        first_slot += k * width * mask
+        in_any += mask
+    flat = torch.zeros(rows, len(masks) * width, dtype=dist.dtype, device=dist.device)
     for offset in range(3):  # bins nearest - 1, nearest, nearest + 1
-        slots = nearest + offset
-        pulse = F.relu(1 - (dist - padded[slots]).abs() / delta)
-        histograms = [
-            hist.scatter_add(1, slots, pulse * mask)
-            for hist, mask in zip(histograms, masks, strict=True)
-        ]
-    return [hist[:, 1:-1] for hist in histograms]
+        pulse = F.relu(1 - (dist - padded[nearest + offset]).abs() / delta)
+        flat = flat.scatter_add(1, first_slot + offset, pulse * in_any)
+    return [hist[:, 1:-1] for hist in flat.view(rows, len(masks), width).unbind(1)]
 
 
 class FastAPLoss(BaseMetricLoss):
