@@ -61,7 +61,7 @@ def worker(library: str, n: int, k: str, memory_cap_gb: float) -> dict:
             return calculator.get_accuracy(embeddings, labels)
 
     results = {}
-    seconds, peak_mb = measure(lambda: results.update(evaluate()), "cpu")
+    seconds, peak_mb = measure(lambda: results.update(evaluate()), "cpu", min_runs=5, budget_s=20)
     return {"seconds": seconds, "peak_mb": peak_mb, "metrics": results}
 
 

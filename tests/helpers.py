@@ -78,3 +78,28 @@ def assert_parity(ours, theirs, embeddings, labels, rtol=1e-5, atol=1e-8, **kwar
     for ours_g, theirs_g in zip(our_grads, their_grads, strict=True):
         torch.testing.assert_close(ours_g, theirs_g, rtol=rtol, atol=atol, msg="gradient")
     return our_value
+
+
+def value_and_all_grads(loss_fn, embeddings, labels, **kwargs):
+    """Value, embedding gradient and parameter gradients of one forward/backward."""
+    loss_fn.zero_grad()
+    emb = embeddings.detach().clone().requires_grad_(True)
+    value = loss_fn(emb, labels, **kwargs)
+    value.backward()
+    params = {k: p.grad.clone() for k, p in loss_fn.named_parameters()}
+    return value.detach(), emb.grad, params
+
+
+def assert_full_parity(ours, theirs, embeddings, labels, rtol=1e-5, atol=1e-8, **kwargs):
+    """Same value, gradient w.r.t. the embeddings and w.r.t. every learnable tensor."""
+    our_value, our_grad, our_params = value_and_all_grads(ours, embeddings, labels, **kwargs)
+    their_value, their_grad, their_params = value_and_all_grads(
+        theirs, embeddings, labels, **kwargs
+    )
+    torch.testing.assert_close(our_value, their_value, rtol=rtol, atol=atol, msg="loss value")
+    torch.testing.assert_close(our_grad, their_grad, rtol=rtol, atol=atol, msg="embedding grad")
+    assert our_params.keys() == their_params.keys()
+    for key, grad in our_params.items():
+        torch.testing.assert_close(
+            grad, their_params[key], rtol=rtol, atol=atol, msg=f"grad of {key}"
+        )

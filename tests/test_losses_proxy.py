@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import (
     DIM,
+    assert_full_parity,
     label_patterns,
     random_embeddings,
     subset_of_pairs,
@@ -55,29 +56,6 @@ def make_pair(name, ours_kwargs=None, pml_kwargs=None, num_classes=NUM_CLASSES, 
     ours = getattr(proxy, name)(num_classes=num_classes, embedding_size=dim, **(ours_kwargs or {}))
     ours.load_state_dict(theirs.state_dict())
     return ours.double(), theirs.double()
-
-
-def run(loss_fn, embeddings, labels, **kwargs):
-    """Value, embedding gradient and parameter gradients of one forward/backward."""
-    loss_fn.zero_grad()
-    emb = embeddings.detach().clone().requires_grad_(True)
-    value = loss_fn(emb, labels, **kwargs)
-    value.backward()
-    params = {k: p.grad.clone() for k, p in loss_fn.named_parameters()}
-    return value.detach(), emb.grad, params
-
-
-def assert_full_parity(ours, theirs, embeddings, labels, rtol=1e-5, atol=1e-8, **kwargs):
-    """Same value, gradient w.r.t. the embeddings and w.r.t. every learnable tensor."""
-    our_value, our_grad, our_params = run(ours, embeddings, labels, **kwargs)
-    their_value, their_grad, their_params = run(theirs, embeddings, labels, **kwargs)
-    torch.testing.assert_close(our_value, their_value, rtol=rtol, atol=atol, msg="loss value")
-    torch.testing.assert_close(our_grad, their_grad, rtol=rtol, atol=atol, msg="embedding grad")
-    assert our_params.keys() == their_params.keys()
-    for key, grad in our_params.items():
-        torch.testing.assert_close(
-            grad, their_params[key], rtol=rtol, atol=atol, msg=f"grad of {key}"
-        )
 
 
 # --------------------------------------------------------------------------- parity
