@@ -1,0 +1,53 @@
+"""Callbacks: the logged retrieval metrics equal a direct call; plots land in the run folder."""
+
+import pytest
+import pytorch_lightning as pl
+
+from lightning_metric import losses
+from lightning_metric.callbacks import EmbeddingPlot, RetrievalMetrics, ThroughputMonitor
+from lightning_metric.data import DigitsDataModule
+from lightning_metric.encoders import MLP
+from lightning_metric.evaluation import retrieval_metrics
+from lightning_metric.export import embed
+from lightning_metric.module import MetricLearningModule
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = DigitsDataModule(batch_size=32, m_per_class=4, sampler="class", eval_batch_size=100)
+    data.setup()
+    return data
+
+
+def test_logged_metrics_equal_a_direct_call(digits, tmp_path):
+    pl.seed_everything(0)
+    module = MetricLearningModule(MLP(64, 16), losses.TripletMarginLoss(margin=0.2))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[RetrievalMetrics(k=None), ThroughputMonitor()])
+    trainer.fit(module, datamodule=digits)
+    assert trainer.callback_metrics["train/samples_per_second"] > 0
+    assert "val/precision_at_1" in trainer.callback_metrics
+    logged = trainer.test(module, datamodule=digits, verbose=False)[0]
+    embeddings, labels = embed(module.encoder, digits.test_dataloader())
+    expected = retrieval_metrics(embeddings, labels, k=None)
+    assert {f"test/{key}" for key in expected} <= set(logged)
+    for key, value in expected.items():
+        assert logged[f"test/{key}"] == pytest.approx(value, abs=1e-6), key
+
+
+def test_embedding_plot_writes_validation_and_test_pictures(digits, tmp_path):
+    plot = EmbeddingPlot(every_n_epochs=2, max_points=300)
+    module = MetricLearningModule(MLP(64, 8), losses.ContrastiveLoss())
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         limit_train_batches=3, callbacks=[plot])
+    trainer.fit(module, datamodule=digits)
+    trainer.test(module, datamodule=digits, verbose=False)
+    assert [p.name for p in plot.written] == ["val_epoch_001.png", "test.png"]
+    assert all(p.parent == tmp_path / "plots" and p.stat().st_size > 10_000 for p in plot.written)
+
+
+def test_bad_plot_settings():
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        EmbeddingPlot(every_n_epochs=-1)
