@@ -84,3 +84,27 @@ def run_isolated(module: str, args: list[str], timeout: float) -> dict | None:
         tail = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         return {"error": tail[0][:120]}
     return json.loads(lines[-1])
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]], min_runs: int = 5, budget_s: float = 20.0
+) -> dict[str, float]:
+    """Median seconds of each step, run in turn (a, b, a, b, ...) after one warm-up each.
+
+    Alternating puts the machine's noise on every step alike, so their ratio is
+    steadier than that of separate runs on a shared machine.
+    """
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    start = time.perf_counter()
+    while min(len(t) for t in times.values()) < min_runs or (
+        time.perf_counter() - start < budget_s / 4 and len(times[next(iter(times))]) < 15
+    ):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and min(len(t) for t in times.values()) >= 2:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}

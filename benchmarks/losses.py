@@ -8,6 +8,8 @@ Each (loss, library, batch size) runs in a fresh process with 2 threads (CPU) so
 peak memory is measured per case. Embeddings are (B, 128); pair- and
 triplet-based losses get 4 items per class, losses with learnable class
 weights get labels drawn uniformly from ``--num-classes`` classes (default 1000).
+Times: both libraries alternate in one process (median of at least 5 runs each),
+so machine noise falls on both alike; memory: each library alone in a fresh process.
 Prints a markdown table of medians and ratios ours/PML (below 1 is better).
 """
 
@@ -15,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
-from benchmarks._measure import cap_memory, measure, run_isolated
+from benchmarks._measure import cap_memory, interleaved_medians, measure, run_isolated
 
 DIM = 128
 MEMORY_CAP_GB = 16  # PML's NTXentLoss needs about 27 GB at B=1024
@@ -61,11 +62,9 @@ def make_loss(library: str, name: str, num_classes: int):
     return getattr(losses, name)(**pml_kwargs)
 
 
-def worker(name: str, library: str, batch_size: int, device: str, num_classes: int) -> dict:
-    torch.set_num_threads(2)
+def make_step(name: str, library: str, batch_size: int, device: str, num_classes: int):
+    """A forward+backward of one library's loss on fixed (seeded) tensors."""
     torch.manual_seed(0)
-    if device == "cpu":
-        cap_memory(MEMORY_CAP_GB)
     loss_fn = make_loss(library, name, num_classes).to(device)
     embeddings = torch.randn(batch_size, DIM, device=device, requires_grad=True)
     if name in LEARNABLE:
@@ -76,9 +75,29 @@ def worker(name: str, library: str, batch_size: int, device: str, num_classes: i
     def step():
         loss_fn(embeddings, labels).backward()
         embeddings.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    seconds, peak_mb = measure(step, device)
-    return {"seconds": seconds, "peak_mb": peak_mb}
+    return step
+
+
+def memory_worker(name: str, library: str, batch_size: int, device: str, num_classes: int):
+    """Peak memory of one library's step, alone in this process."""
+    torch.set_num_threads(2)
+    if device == "cpu":
+        cap_memory(MEMORY_CAP_GB)
+    step = make_step(name, library, batch_size, device, num_classes)
+    _, peak_mb = measure(step, device, min_runs=1, budget_s=0)
+    return {"peak_mb": peak_mb}
+
+
+def time_worker(name: str, libraries: list[str], batch_size: int, device: str, num_classes: int):
+    """Median times of the libraries' steps, interleaved in this process."""
+    torch.set_num_threads(2)
+    if device == "cpu":
+        cap_memory(MEMORY_CAP_GB)
+    steps = {lib: make_step(name, lib, batch_size, device, num_classes) for lib in libraries}
+    return interleaved_medians(steps)
 
 
 def ratio(ours: float, theirs: float, floor: float = 0.0) -> str:
@@ -93,11 +112,18 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--num-classes", nargs="*", type=int, default=[1000],
                         help="classes of the learnable-weight losses")
-    parser.add_argument("--worker", nargs=3, metavar=("LOSS", "LIBRARY", "BATCH"))
+    parser.add_argument("--worker", nargs=3, metavar=("MODE", "LOSS", "BATCH"),
+                        help="internal: MODE is memory-ours, memory-pml, time-both or time-ours")
     args = parser.parse_args()
     if args.worker:
-        name, library, batch = args.worker
-        print(json.dumps(worker(name, library, int(batch), args.device, args.num_classes[0])))
+        mode, name, batch = args.worker
+        kind, which = mode.split("-")
+        if kind == "memory":
+            result = memory_worker(name, which, int(batch), args.device, args.num_classes[0])
+        else:
+            libraries = ["ours", "pml"] if which == "both" else ["ours"]
+            result = time_worker(name, libraries, int(batch), args.device, args.num_classes[0])
+        print(json.dumps(result))
         return
     print("| loss | B | classes | ours ms | PML ms | time ratio | ours MB | PML MB "
           "| memory ratio |")
@@ -106,29 +132,30 @@ def main() -> None:
         for batch, classes in [(b, c) for b in args.batch_sizes for c in args.num_classes]:
             if name not in LEARNABLE and classes != args.num_classes[0]:
                 continue
-            row = {}
-            for library in ("ours", "pml"):
-                row[library] = run_isolated(
-                    "benchmarks.losses",
-                    ["--worker", name, library, str(batch), "--device", args.device,
-                     "--num-classes", str(classes)],
-                    args.timeout,
-                )
-            batch = f"{batch} | {classes if name in LEARNABLE else '-'}"
-            ours, pml = row["ours"], row["pml"]
-            if "error" in ours:
-                print(f"| {name} | {batch} | error: {ours['error']} | | | | | |")
-                continue
-            if "error" in pml:
-                print(f"| {name} | {batch} | {ours['seconds'] * 1e3:.1f} | PML: {pml['error']} "
-                      f"| | {ours['peak_mb']:.0f} | | |")
-                continue
-            print(
-                f"| {name} | {batch} | {ours['seconds'] * 1e3:.1f} | {pml['seconds'] * 1e3:.1f} "
-                f"| {ratio(ours['seconds'], pml['seconds'])} | {ours['peak_mb']:.0f} "
-                f"| {pml['peak_mb']:.0f} | {ratio(ours['peak_mb'], pml['peak_mb'], floor=1.0)} |"
-            )
-            sys.stdout.flush()
+            print(benchmark_row(name, batch, classes, args), flush=True)
+
+
+def benchmark_row(name: str, batch: int, classes: int, args) -> str:
+    def run(mode: str) -> dict:
+        return run_isolated(
+            "benchmarks.losses",
+            ["--worker", mode, name, str(batch), "--device", args.device,
+             "--num-classes", str(classes)],
+            args.timeout,
+        )
+
+    memory = {lib: run(f"memory-{lib}") for lib in ("ours", "pml")}
+    pml_failed = memory["pml"].get("error")
+    times = run("time-ours" if pml_failed else "time-both")
+    label = f"{name} | {batch} | {classes if name in LEARNABLE else '-'}"
+    if "error" in times or "error" in memory["ours"]:
+        return f"| {label} | error: {times.get('error') or memory['ours']['error']} |||||||"
+    ours_ms, ours_mb = times["ours"] * 1e3, memory["ours"]["peak_mb"]
+    if pml_failed:
+        return f"| {label} | {ours_ms:.1f} | PML: {pml_failed} | | {ours_mb:.0f} | | |"
+    pml_ms, pml_mb = times["pml"] * 1e3, memory["pml"]["peak_mb"]
+    return (f"| {label} | {ours_ms:.1f} | {pml_ms:.1f} | {ratio(ours_ms, pml_ms)} "
+            f"| {ours_mb:.0f} | {pml_mb:.0f} | {ratio(ours_mb, pml_mb, floor=1.0)} |")
 
 
 if __name__ == "__main__":
