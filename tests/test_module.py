@@ -98,3 +98,15 @@ def test_gradient_clipping_bounds_the_update():
 def test_bad_module_settings_name_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MetricLearningModule(MLP(64, 8), losses.ContrastiveLoss(), **kwargs)
+
+
+def test_schedulers_step_both_optimizers_every_epoch():
+    data = DigitsDataModule(batch_size=64, m_per_class=8, sampler="random")
+    module = MetricLearningModule(
+        MLP(64, 16), losses.CosFaceLoss(10, 16), optimizer=partial(torch.optim.SGD, lr=1.0),
+        scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        loss_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.1))
+    trainer = _trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    model_lr, loss_lr = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
+    assert model_lr == pytest.approx(0.25) and loss_lr == pytest.approx(0.01)
