@@ -6,12 +6,12 @@
 Self-retrieval of the same random clustered embeddings (128-D, about 100 items a class,
 Gaussian clusters), every metric of both libraries (NMI and AMI included), ours with
 ``distance="euclidean"`` so that both rank by the same L2 distance and must give the same
-numbers (the last column). Each (library, N, k) case runs in a fresh process with 2 torch
-and 2 FAISS threads, so peak memory (growth of the peak RSS) is measured per case. PML
-needs ~1.7 GB at N=5000 and is killed for memory at 20000 on a 2-core, 8 GB machine, so it
-runs only up to ``--pml-max-n``, under ``--memory-cap-gb``; ``k=None`` (rank the whole set)
-runs only up to ``--full-max-n``. Prints a markdown table of medians and ratios ours/PML
-(below 1 is better).
+numbers (the last column: largest difference over PML's metrics). Each (library, N, k)
+case runs in a fresh process with 2 torch and 2 FAISS threads, so peak memory (growth of
+the peak RSS) is measured per case. With its default ``k=None`` PML needs ~1.6 GB at
+N=5000 and more than 8 GB at 20000, so it runs only up to ``--pml-max-n``, under
+``--memory-cap-gb``; ``k=None`` (rank the whole set) runs only up to ``--full-max-n``.
+Prints a markdown table of medians and ratios ours/PML (below 1 is better).
 """
 
 from __future__ import annotations

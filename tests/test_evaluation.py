@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from fractions import Fraction
+from fractions import Fraction as Fr
 
 import numpy as np
 import pytest
@@ -70,41 +70,40 @@ LINE = [0.0, 1.0, 3.0, 7.0, 12.0, 20.0]
 LINE_LABELS = [0, 0, 1, 0, 1, 1]  # R = 2 relevant items for every query
 # Same-label hits per query:   q0 1 0 1 0 0   q1 1 0 1 0 0   q2 0 0 0 1 1
 #                              q3 0 0 1 1 0   q4 0 1 1 0 0   q5 1 0 1 0 0
-F_ = Fraction
 LINE_EXPECTED = {
     None: {
-        "precision_at_1": F_(3, 6),
-        "r_precision": F_(1, 2) * 4 / 6,
-        "mean_average_precision_at_r": (F_(1, 2) * 3 + F_(1, 4)) / 6,
+        "precision_at_1": Fr(3, 6),
+        "r_precision": Fr(1, 2) * 4 / 6,
+        "mean_average_precision_at_r": (Fr(1, 2) * 3 + Fr(1, 4)) / 6,
         # AP: q0, q1, q5 (1/1 + 2/3)/2; q2 (1/4 + 2/5)/2; q3 (1/3 + 2/4)/2; q4 (1/2 + 2/3)/2
-        "mean_average_precision": (F_(5, 6) * 3 + F_(13, 40) + F_(5, 12) + F_(7, 12)) / 6,
-        "mean_reciprocal_rank": (1 + 1 + F_(1, 4) + F_(1, 3) + F_(1, 2) + 1) / 6,
-        "recall_at_1": F_(3, 6),
-        "recall_at_2": F_(4, 6),
-        "recall_at_4": F_(6, 6),
-        "recall_at_8": F_(6, 6),
+        "mean_average_precision": (Fr(5, 6) * 3 + Fr(13, 40) + Fr(5, 12) + Fr(7, 12)) / 6,
+        "mean_reciprocal_rank": (1 + 1 + Fr(1, 4) + Fr(1, 3) + Fr(1, 2) + 1) / 6,
+        "recall_at_1": Fr(3, 6),
+        "recall_at_2": Fr(4, 6),
+        "recall_at_4": Fr(6, 6),
+        "recall_at_8": Fr(6, 6),
     },
     1: {  # only the nearest neighbour counts (Recall@K still looks deeper)
-        "precision_at_1": F_(3, 6),
-        "r_precision": F_(3, 6),
-        "mean_average_precision_at_r": F_(1, 2) * 3 / 6,
-        "mean_average_precision": F_(1, 2) * 3 / 6,
-        "mean_reciprocal_rank": F_(3, 6),
-        "recall_at_1": F_(3, 6),
-        "recall_at_2": F_(4, 6),
-        "recall_at_4": F_(6, 6),
-        "recall_at_8": F_(6, 6),
+        "precision_at_1": Fr(3, 6),
+        "r_precision": Fr(3, 6),
+        "mean_average_precision_at_r": Fr(1, 2) * 3 / 6,
+        "mean_average_precision": Fr(1, 2) * 3 / 6,
+        "mean_reciprocal_rank": Fr(3, 6),
+        "recall_at_1": Fr(3, 6),
+        "recall_at_2": Fr(4, 6),
+        "recall_at_4": Fr(6, 6),
+        "recall_at_8": Fr(6, 6),
     },
     2: {
-        "precision_at_1": F_(3, 6),
-        "r_precision": F_(1, 2) * 4 / 6,
-        "mean_average_precision_at_r": (F_(1, 2) * 3 + F_(1, 4)) / 6,
-        "mean_average_precision": (F_(1, 2) * 3 + F_(1, 4)) / 6,
-        "mean_reciprocal_rank": (1 + 1 + F_(1, 2) + 1) / F_(6),
-        "recall_at_1": F_(3, 6),
-        "recall_at_2": F_(4, 6),
-        "recall_at_4": F_(6, 6),
-        "recall_at_8": F_(6, 6),
+        "precision_at_1": Fr(3, 6),
+        "r_precision": Fr(1, 2) * 4 / 6,
+        "mean_average_precision_at_r": (Fr(1, 2) * 3 + Fr(1, 4)) / 6,
+        "mean_average_precision": (Fr(1, 2) * 3 + Fr(1, 4)) / 6,
+        "mean_reciprocal_rank": (1 + 1 + Fr(1, 2) + 1) / Fr(6),
+        "recall_at_1": Fr(3, 6),
+        "recall_at_2": Fr(4, 6),
+        "recall_at_4": Fr(6, 6),
+        "recall_at_8": Fr(6, 6),
     },
 }
 LINE_EXPECTED["max_bin_count"] = LINE_EXPECTED[2]  # the largest class has 3 items, minus self
@@ -127,6 +126,11 @@ def test_six_points_on_a_line(ranker, distance, k):
         include=RANK_METRICS,
     )
     assert ours == pytest.approx({name: float(v) for name, v in LINE_EXPECTED[k].items()})
+    if distance == "euclidean":  # and PML agrees with the hand count
+        theirs = pml(line_embeddings(distance), torch.tensor(LINE_LABELS), k=k)
+        assert {name: ours[name] for name in PML_KEYS[:5]} == pytest.approx(
+            {name: theirs[name] for name in PML_KEYS[:5]}, abs=1e-6
+        )
 
 
 def test_separate_gallery_by_hand(ranker):
@@ -159,6 +163,21 @@ def test_duplicates_are_neighbours_after_dropping_self_by_index(ranker):
     for distance in ("cosine", "euclidean"):
         ours = retrieval_metrics(embeddings, labels, distance=distance, include=RANK_METRICS)
         assert ours == pytest.approx(dict.fromkeys(RANK_METRICS, 1.0))
+
+
+def test_self_is_dropped_by_index_not_by_position():
+    # Item 0's list starts with its zero-distance twin (item 1): the twin must stay.
+    neighbours = torch.tensor([[1, 0, 2], [1, 2, 3]])
+    kept = evaluation._drop_self(neighbours, torch.tensor([0, 0]))
+    assert kept.tolist() == [[1, 2], [1, 2]]  # item 0 absent from row 2: its last one goes
+
+
+def test_k_beyond_the_reference_is_the_whole_reference(ranker):
+    # PML would read labels at FAISS's -1 padding; we cap k at the reference size.
+    embeddings, labels = clustered(n=50, seed=10)
+    assert retrieval_metrics(embeddings, labels, k=500, include=RANK_METRICS) == pytest.approx(
+        retrieval_metrics(embeddings, labels, k=None, include=RANK_METRICS)
+    )
 
 
 def test_lone_queries_are_left_out_and_all_lone_gives_nan(ranker):
