@@ -110,6 +110,14 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     )
 
 
+def build_run(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetricLearningModule, pl.Trainer]:
+    """Seed, then the data, the module (with its loss) and the trainer of a run."""
+    pl.seed_everything(cfg.seed, workers=True)
+    loss = build_loss(cfg)
+    datamodule = build_datamodule(cfg, loss)
+    return datamodule, build_module(cfg, loss), build_trainer(cfg)
+
+
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     """``metrics.json``: flat ``stage/name`` keys with float values."""
     path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -21,11 +20,7 @@ builders.register_resolvers()
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a file")
-    pl.seed_everything(cfg.seed, workers=True)
-    loss = builders.build_loss(cfg)
-    datamodule = builders.build_datamodule(cfg, loss)
-    module = builders.build_module(cfg, loss)
-    trainer = builders.build_trainer(cfg)
+    datamodule, module, trainer = builders.build_run(cfg)
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = builders.scalar_metrics(trainer, "test/")
     builders.write_metrics(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -23,11 +22,7 @@ builders.register_resolvers()
 
 
 def train(cfg: DictConfig) -> float | None:
-    pl.seed_everything(cfg.seed, workers=True)
-    loss = builders.build_loss(cfg)
-    datamodule = builders.build_datamodule(cfg, loss)
-    module = builders.build_module(cfg, loss)
-    trainer = builders.build_trainer(cfg)
+    datamodule, module, trainer = builders.build_run(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = builders.scalar_metrics(trainer, "val/")
     metrics.update(builders.scalar_metrics(trainer, "train/"))
