@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor
 
 
 class ThroughputMonitor(pl.Callback):
@@ -36,6 +39,43 @@ class ThroughputMonitor(pl.Callback):
         if self._start is not None and self._samples:
             rate = self._samples / max(self._end - self._start, 1e-9)
             pl_module.log("train/samples_per_second", rate, on_epoch=True)
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with a ``last.ckpt`` that is always the last epoch.
+
+    Two differences from the parent, whose arguments it takes unchanged:
+
+    - ``save_last=True`` writes ``last.ckpt`` at the end of every training epoch. The
+      parent writes it only when a top-k checkpoint is written in that epoch, so once the
+      monitored metric stops improving its ``last.ckpt`` falls behind (resuming or
+      exporting from it then silently uses old weights).
+    - A tie on the monitored value keeps the later checkpoint (the parent keeps the
+      earlier): on easy data a metric that saturates early would otherwise select the
+      first epoch that reached it, not the model trained on.
+    """
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: Tensor | None = None) -> bool:
+        if current is None or self.save_top_k == -1 or len(self.best_k_models) < self.save_top_k:
+            return super().check_monitor_top_k(trainer, current)
+        at_least_as_good = {"min": torch.le, "max": torch.ge}[self.mode]
+        kth_value = self.best_k_models[self.kth_best_model_path]
+        decision = bool(at_least_as_good(current, kth_value))
+        return trainer.strategy.reduce_boolean_decision(decision)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and self._saves_in(trainer) and not self._last_is_current(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @staticmethod
+    def _saves_in(trainer: pl.Trainer) -> bool:
+        return (not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.sanity_checking)
+
+    def _last_is_current(self, trainer: pl.Trainer) -> bool:
+        """``last.ckpt`` was already written at this very step (with a top-k one)."""
+        return bool(self.last_model_path) and self._last_global_step_saved == trainer.global_step
 
 
 class EmbeddingPlot(pl.Callback):

@@ -13,7 +13,10 @@ pairs ``(a1[i], p[i])``, negative pairs ``(a2[j], n[j])``) or triplets
 
 Anchors index the batch; positives and negatives index the reference set,
 which is the batch itself unless ``ref_emb`` ``(M, D)`` and ``ref_labels``
-``(M,)`` are given. Within the batch an item is never its own positive.
+``(M,)`` are given. Within the batch an item is never its own positive; when the
+reference set holds a copy of the batch (a memory of past batches), pass
+``ref_self_index`` ``(B,)``, each anchor's row in ``ref_emb``, and the copy is
+excluded the same way before mining.
 Mining runs under ``torch.no_grad``; half-precision embeddings are compared in
 float32 (the distances do this).
 
@@ -72,20 +75,36 @@ class BaseMiner(nn.Module):
         labels: Tensor,
         ref_emb: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        *,
+        ref_self_index: Tensor | None = None,
     ) -> IndicesTuple:
         """Indices of the mined pairs or triplets of ``embeddings`` ``(B, D)``, ``labels`` ``(B,)``.
 
         With ``ref_emb`` ``(M, D)`` and ``ref_labels`` ``(M,)``, positives and negatives are
         taken from the reference set instead of the batch.
+
+        ``ref_self_index`` ``(B,)``: the column of each anchor's own copy in ``ref_emb`` (as
+        :class:`~lightning_metric.losses.CrossBatchMemory` holds the batch in its memory).
+        Row ``i`` then has neither a positive nor a negative at ``ref_self_index[i]``, before
+        any mining: a copy at distance 0 is never chosen, nor shapes the other choices. For
+        the batch as its own reference set this is the diagonal, already excluded.
         """
         if labels is None:
             raise ValueError(f"{type(self).__name__} needs labels")
         labels, ref_labels = check_inputs(embeddings, labels, ref_emb, ref_labels, None)
         same_set = ref_emb is None
+        n_ref = len(embeddings) if same_set else len(ref_emb)
+        if ref_self_index is not None:
+            ref_self_index = _check_self_index(ref_self_index, len(embeddings), n_ref)
+            ref_self_index = ref_self_index.to(embeddings.device)
         with torch.no_grad():
             mat = self.distance(embeddings) if same_set else self.distance(embeddings, ref_emb)
             ref_labels = labels if same_set else ref_labels
             positive, negative = label_masks(labels, ref_labels, same_set)
+            if ref_self_index is not None:
+                rows = torch.arange(len(embeddings), device=embeddings.device)
+                positive[rows, ref_self_index] = False
+                negative[rows, ref_self_index] = False
             return self.mine(mat, positive, negative)
 
     def mine(self, mat: Tensor, positive: Tensor, negative: Tensor) -> IndicesTuple:
@@ -435,6 +454,30 @@ def _finetuner_distance(distance: str | BaseDistance) -> BaseDistance:
 
 
 # --------------------------------------------------------------------------- shared helpers
+
+
+def _check_self_index(ref_self_index: Tensor, n_query: int, n_ref: int) -> Tensor:
+    if (
+        not isinstance(ref_self_index, Tensor)
+        or ref_self_index.is_floating_point()
+        or ref_self_index.dtype == torch.bool
+        or ref_self_index.shape != (n_query,)
+    ):
+        got = (
+            f"shape {tuple(ref_self_index.shape)}, dtype {ref_self_index.dtype}"
+            if isinstance(ref_self_index, Tensor)
+            else type(ref_self_index).__name__
+        )
+        raise ValueError(
+            f"ref_self_index must be a ({n_query},) integer tensor, one reference column per "
+            f"embedding; got {got}"
+        )
+    if n_query and (ref_self_index.min() < 0 or ref_self_index.max() >= n_ref):
+        raise ValueError(
+            f"ref_self_index must lie in [0, {n_ref}) (the reference set's rows); got values "
+            f"from {int(ref_self_index.min())} to {int(ref_self_index.max())}"
+        )
+    return ref_self_index.long()
 
 
 def _check_strategies(pos_strategy: str, neg_strategy: str) -> None:

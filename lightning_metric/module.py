@@ -6,7 +6,13 @@ trains with Lightning's manual optimization, so the one code path steps one
 or two optimizers alike, and owns what Lightning cannot do for it there:
 gradient clipping (``gradient_clip_val``, ``gradient_clip_algorithm``) and
 gradient accumulation (``accumulate_grad_batches``: both optimizers step
-every N batches). Set those on the module, not the Trainer
+every N batches). A step counts once per batch (per accumulated batch group)
+whatever the number of optimizers: ``trainer.global_step``, ``max_steps``,
+``log_every_n_steps`` and ``ModelCheckpoint(every_n_train_steps=...)`` count
+the encoder's optimizer steps, not the loss optimizer's too. Evaluation never
+changes training state: the loss that gives ``val/loss`` / ``test/loss`` runs
+in eval mode, and every buffer it holds (a memory bank's queue, running
+statistics) is restored afterwards. Set those on the module, not the Trainer
 (``recipes.train`` moves them for you). Mixed precision, checkpoints (both
 optimizers' and schedulers' states, the loss's parameters) and loggers are
 Lightning's as usual. Retrieval metrics and embedding plots come from the
@@ -22,7 +28,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import pytorch_lightning as pl
@@ -142,9 +149,16 @@ class MetricLearningModule(pl.LightningModule):
 
     def _step_optimizers(self) -> None:
         optimizers = self.optimizers()
-        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        for optimizer in optimizers:
-            optimizer.step()
+        encoder_optimizer, *loss_optimizers = (
+            optimizers if isinstance(optimizers, list) else [optimizers])
+        # Each LightningOptimizer.step() counts a global step; only the encoder's may count,
+        # so the loss optimizer steps through the strategy (same precision plugin, clipping
+        # hook and gradient scaler, no step counted).
+        encoder_optimizer.step()
+        for optimizer in loss_optimizers:
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure,
+                                                 model=self)
+        for optimizer in (encoder_optimizer, *loss_optimizers):
             optimizer.zero_grad()
         if self.scheduler_interval == "step":
             self._step_schedulers()
@@ -186,7 +200,8 @@ class MetricLearningModule(pl.LightningModule):
         inputs, labels = batch
         embeddings = self(inputs).float()
         if self._loss_knows(labels):
-            self._eval_losses.append(self.loss(embeddings, labels).detach().float())
+            with buffers_restored(self.loss):
+                self._eval_losses.append(self.loss(embeddings, labels).detach().float())
         return {"embeddings": embeddings, "labels": labels}
 
     def _loss_knows(self, labels: Tensor) -> bool:
@@ -205,3 +220,35 @@ class MetricLearningModule(pl.LightningModule):
             value = torch.stack(self._eval_losses).mean()
             self.log(f"{stage}/loss", value, prog_bar=stage == "val", sync_dist=True)
         self._eval_losses.clear()
+
+
+def _no_closure() -> None:
+    """The closure of a manual-optimization step: the backward pass has already run."""
+    return None
+
+
+@contextmanager
+def buffers_restored(module: nn.Module) -> Iterator[None]:
+    """Run a block, then put every buffer of ``module`` back bit for bit.
+
+    Guards evaluation against losses that keep state in buffers (a memory bank's queue
+    and its index, running statistics): whatever the block writes into them, in place
+    or by assigning a new tensor, is undone.
+    """
+    saved = [
+        (owner, name, buffer.detach().clone())
+        for owner in module.modules()
+        for name, buffer in owner._buffers.items()
+        if buffer is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, copy in saved:
+                current = owner._buffers.get(name)
+                if current is not None and current.shape == copy.shape and (
+                        current.dtype == copy.dtype):
+                    current.copy_(copy)
+                else:
+                    owner._buffers[name] = copy

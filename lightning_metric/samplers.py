@@ -3,10 +3,16 @@
 Both are ``torch.utils.data.Sampler`` objects that yield lists of dataset
 indices (pass them as ``batch_sampler=``). Randomness comes from a
 ``torch.Generator`` seeded from ``(seed, epoch)``, never from the process-wide
-generator, so a run is reproducible; call :meth:`set_epoch` every epoch (the
-DataModules do). Under DDP every rank draws the same global sequence of
-batches and takes every ``num_replicas``-th one from offset ``rank``, so ranks
-never see the same batch.
+generator, so a run is reproducible and every epoch gets a new shuffle. Under
+a Lightning ``Trainer`` the epoch is set for you, in any ``DataLoader`` (yours
+or a DataModule's), and a run resumed from a checkpoint draws the batches an
+uninterrupted run draws: Lightning calls ``set_epoch`` on
+``dataloader.batch_sampler.sampler`` at the start of every training epoch (never
+on the batch sampler itself), and that is where these samplers keep their
+epoch (an :class:`EpochCounter`). In a plain loop call ``sampler.set_epoch(epoch)``
+yourself. Under DDP every rank draws the same global sequence of batches and
+takes every ``num_replicas``-th one from offset ``rank``, so ranks never see the
+same batch.
 
 Example::
 
@@ -28,16 +34,41 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+class EpochCounter:
+    """The epoch a batch sampler draws for, kept where Lightning sets it.
+
+    Lightning's loops call ``set_epoch(epoch)`` on ``dataloader.sampler`` and on
+    ``dataloader.batch_sampler.sampler`` at the start of every training epoch
+    (with the restored epoch after a resume), not on the batch sampler. The batch
+    samplers here hold one of these as their ``sampler`` attribute, so the
+    trainer's epoch reaches them without a callback.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = epoch
+
+
 class _DistributedBatches(Sampler[list[int]]):
     """Shared epoch / rank bookkeeping: subclasses draw the global batches of an epoch."""
 
     def __init__(self, seed: int, num_replicas: int, rank: int):
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        self.seed, self.num_replicas, self.rank, self.epoch = seed, num_replicas, rank, 0
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.sampler = EpochCounter()
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Draw the batches of ``epoch`` from now on (a Lightning Trainer calls this for you)."""
+        self.sampler.set_epoch(epoch)
 
     def global_batches(self, generator: torch.Generator) -> list[list[int]]:
         raise NotImplementedError
@@ -49,9 +80,10 @@ class _DistributedBatches(Sampler[list[int]]):
         return self.num_global_batches() // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the epoch is read at the first batch, not when iter() is called.
+        # Lightning creates the iterator before it sets the epoch when a run resumes.
         batches = self.global_batches(epoch_generator(self.seed, self.epoch))
-        mine = batches[self.rank :: self.num_replicas]
-        return iter(mine[: len(self)])
+        yield from batches[self.rank :: self.num_replicas][: len(self)]
 
 
 class ClassBalancedBatchSampler(_DistributedBatches):

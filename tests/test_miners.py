@@ -397,6 +397,65 @@ def test_a_loss_uses_the_miners_tuples(miner_cls, use_ref):
     assert as_sets(loss.seen) == as_sets(miner_cls()(x, labels, **kwargs))
 
 
+def _ref_columns(indices_tuple) -> tuple[int, ...]:
+    """Positions of the reference-set indices: ``p, n`` of triplets, ``p, n`` of pairs."""
+    return (1, 2) if len(indices_tuple) == 3 else (1, 3)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("miner_cls", ALL_MINERS)
+def test_ref_self_index_excludes_the_own_copy_like_the_diagonal(miner_cls, pattern):
+    """The batch, shuffled, as its own reference set, each anchor's copy named by
+    ref_self_index: the same tuples as mining the batch against itself."""
+    labels = PATTERNS[pattern]
+    x = random_embeddings(len(labels), seed=15)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    miner = miner_cls()
+    mined = list(miner(x, labels, x[perm], labels[perm], ref_self_index=perm.argsort()))
+    for column in _ref_columns(mined):
+        mined[column] = perm[mined[column]]
+    assert as_sets(mined) == as_sets(miner(x, labels))
+
+
+def test_without_ref_self_index_the_easy_positive_is_the_own_copy():
+    """What ref_self_index prevents: the copy at distance 0 is every anchor's closest positive."""
+    labels = PATTERNS["four_per_class"]
+    x = random_embeddings(len(labels), seed=17)
+    a1, p, _, _ = BatchEasyHardMiner()(x, labels, x, labels)
+    assert torch.equal(p, a1)
+    a1, p, _, _ = BatchEasyHardMiner()(x, labels, x, labels, ref_self_index=torch.arange(16))
+    assert len(a1) == 16 and not torch.equal(p, a1)
+    assert torch.equal(labels[p], labels[a1])
+
+
+@pytest.mark.parametrize("miner_cls", ALL_MINERS)
+def test_ref_self_index_within_the_batch_is_the_diagonal(miner_cls):
+    labels = PATTERNS["imbalanced_singletons"]
+    x = random_embeddings(len(labels), seed=18)
+    miner = miner_cls()
+    assert as_sets(miner(x, labels, ref_self_index=torch.arange(len(labels)))) == as_sets(
+        miner(x, labels)
+    )
+
+
+@pytest.mark.parametrize(
+    ("ref_self_index", "message"),
+    [
+        (torch.arange(15), r"\(16,\) integer tensor"),
+        (torch.arange(16).float(), r"\(16,\) integer tensor"),
+        (torch.ones(16, dtype=torch.bool), r"\(16,\) integer tensor"),
+        ([0] * 16, "got list"),
+        (torch.arange(16) + 5, r"\[0, 20\)"),
+        (torch.arange(16) - 1, r"\[0, 20\)"),
+    ],
+)
+def test_bad_ref_self_index_is_refused(ref_self_index, message):
+    x, labels = random_embeddings(16), PATTERNS["four_per_class"]
+    ref = random_embeddings(20, seed=19)
+    with pytest.raises(ValueError, match=message):
+        BatchHardMiner()(x, labels, ref, torch.arange(20) % 4, ref_self_index=ref_self_index)
+
+
 @pytest.mark.parametrize("miner_cls", ALL_MINERS)
 def test_tiny_batches_give_empty_long_tuples(miner_cls):
     for labels in (torch.tensor([3]), torch.tensor([1, 2])):

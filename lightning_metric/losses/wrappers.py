@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import IndicesTuple, check_embeddings, check_labels
 from ..indices import all_pairs, to_pairs, to_triplets
+from ..miners import BaseMiner
 
 
 class MultipleLosses(nn.Module):
@@ -78,8 +79,26 @@ class CrossBatchMemory(nn.Module):
     """Compare each batch with a queue of past embeddings (Wang et al. 2020, "XBM").
 
     The batch is enqueued (detached) first, then the wrapped loss compares the batch
-    with the whole memory as its reference set; an item is never paired with its own
-    slot. The queue lives in buffers, so it survives a checkpoint round trip.
+    with the whole memory as its reference set. The queue lives in buffers, so it
+    survives a checkpoint round trip.
+
+    An item is never paired with its own copy in memory, and that copy is excluded
+    *before* mining: a miner derived from :class:`~lightning_metric.miners.BaseMiner`
+    receives the batch's slots as ``ref_self_index``. PML 2.9 mines first and drops the
+    self-pairs afterwards, so a miner that takes the closest positive
+    (``BatchEasyHardMiner()``'s default, the ``"easy"`` positives of
+    ``TripletEasyHardMiner`` / ``SiameseEasyHardMiner``) picks every anchor's own copy at
+    distance 0 and PML's loss is 0 on every batch; here it is the loss of the closest
+    *other* positive. Other miners (PML's, a plain callable) cannot take that keyword:
+    their self-pairs are still dropped after mining, as in PML.
+
+    Evaluation never changes the memory. In eval mode (``not self.training``, as during
+    Lightning's validation, test and sanity-check loops) the value is the loss of the
+    batch against the memory plus the batch itself, as if it had been enqueued (the
+    value training mode would return), but nothing is written: ``embedding_memory``,
+    ``label_memory``, ``queue_idx`` and ``has_been_filled`` stay as they were. An
+    evaluation batch larger than the memory is compared with the filled memory and the
+    whole batch appended to it (training refuses such a batch).
 
     Args:
         loss: a labelled loss taking ``ref_emb`` (pair- and triplet-based ones).
@@ -126,7 +145,8 @@ class CrossBatchMemory(nn.Module):
         """Loss of the batch against the memory.
 
         ``enqueue_mask`` ``(B,)`` bool: enqueue only those rows and use the others as the
-        queries (then nothing is removed as a self-comparison).
+        queries (then nothing is removed as a self-comparison). In eval mode the rows are
+        compared as if enqueued, but the memory is left unchanged.
         """
         check_embeddings("embeddings", embeddings)
         labels = check_labels("labels", labels, embeddings)
@@ -137,10 +157,8 @@ class CrossBatchMemory(nn.Module):
             embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
         else:
             queued, queued_labels = embeddings, labels
-        slots = self._enqueue(queued, queued_labels)
-        filled = int(self.memory_size if self.has_been_filled else self.queue_idx)
-        memory = self.embedding_memory[:filled].to(embeddings.dtype)
-        memory_labels = self.label_memory[:filled]
+        memory, memory_labels, slots = self._memory_with(queued, queued_labels)
+        memory = memory.to(embeddings.dtype)
         tuples = self._indices(embeddings, labels, memory, memory_labels, indices_tuple,
                                slots if enqueue_mask is None else None)
         return self.loss(embeddings, labels, tuples, memory, memory_labels)
@@ -157,30 +175,60 @@ class CrossBatchMemory(nn.Module):
             raise ValueError(
                 f"enqueue_mask has {len(enqueue_mask)} entries for {len(embeddings)} embeddings"
             )
-        if enqueue_mask is None and len(embeddings) > self.memory_size:
+        if self.training and enqueue_mask is None and len(embeddings) > self.memory_size:
             raise ValueError(
                 f"a batch of {len(embeddings)} does not fit memory_size={self.memory_size}"
             )
 
     @torch.no_grad()
-    def _enqueue(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Write the rows into the next slots (wrapping around); return their slots ``(n,)``."""
+    def _memory_with(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The filled part of the memory once the rows are enqueued (wrapping around), its
+        labels, and the rows' slots ``(n,)``.
+
+        Training mode writes the rows into the buffers; eval mode into a copy, leaving the
+        buffers as they were.
+        """
+        if not self.training and len(embeddings) > self.memory_size:
+            return self._memory_and_batch(embeddings, labels)
         start = int(self.queue_idx)
         slots = torch.arange(start, start + len(embeddings), device=embeddings.device)
         slots = slots % self.memory_size
-        self.embedding_memory[slots] = embeddings.detach().to(self.embedding_memory.dtype)
-        self.label_memory[slots] = labels.to(self.label_memory.dtype)
+        rows = embeddings.detach().to(self.embedding_memory.dtype)
+        row_labels = labels.to(self.label_memory.dtype)
         new_idx = (start + len(embeddings)) % self.memory_size
-        if new_idx <= start and len(embeddings):
-            self.has_been_filled.fill_(True)
-        self.queue_idx.fill_(new_idx)
-        return slots
+        filled = bool(self.has_been_filled) or (len(embeddings) > 0 and new_idx <= start)
+        if self.training:
+            self.embedding_memory[slots] = rows
+            self.label_memory[slots] = row_labels
+            self.queue_idx.fill_(new_idx)
+            self.has_been_filled.fill_(filled)
+            memory, memory_labels = self.embedding_memory, self.label_memory
+        else:
+            memory = self.embedding_memory.index_put((slots,), rows)
+            memory_labels = self.label_memory.index_put((slots,), row_labels)
+        size = self.memory_size if filled else new_idx
+        return memory[:size], memory_labels[:size], slots
+
+    def _memory_and_batch(self, embeddings: Tensor, labels: Tensor):
+        """Eval mode, a batch larger than the memory (an evaluation batch): the filled memory
+        with the whole batch appended after it, and the rows' positions in that."""
+        filled = int(self.memory_size if self.has_been_filled else self.queue_idx)
+        memory = torch.cat([self.embedding_memory[:filled],
+                            embeddings.detach().to(self.embedding_memory.dtype)])
+        memory_labels = torch.cat([self.label_memory[:filled],
+                                   labels.to(self.label_memory.dtype)])
+        slots = torch.arange(filled, filled + len(embeddings), device=embeddings.device)
+        return memory, memory_labels, slots
 
     def _indices(self, embeddings, labels, memory, memory_labels, given, own_slots):
-        if self.miner is not None:
-            tuples = self.miner(embeddings, labels, memory, memory_labels)
-        else:
+        if self.miner is None:
             tuples = all_pairs(labels, memory_labels, same_set=False)
+        elif isinstance(self.miner, BaseMiner) and own_slots is not None:
+            tuples = self.miner(embeddings, labels, memory, memory_labels,
+                                ref_self_index=own_slots)
+            own_slots = None  # excluded before mining
+        else:
+            tuples = self.miner(embeddings, labels, memory, memory_labels)
         if own_slots is not None:
             tuples = _without_own_slot(tuples, own_slots)
         if given is None:
@@ -192,7 +240,8 @@ class CrossBatchMemory(nn.Module):
 
 
 def _without_own_slot(tuples: IndicesTuple, own_slots: Tensor) -> IndicesTuple:
-    """Drop positives that are the anchor's own copy in memory."""
+    """Drop positives that are the anchor's own copy in memory (after mining: the fallback
+    for miners that cannot take ``ref_self_index``)."""
     anchors, positives = tuples[0], tuples[1]
     keep = positives != own_slots[anchors]
     if len(tuples) == 3:
