@@ -53,7 +53,7 @@ def plain_loop_throughput(subset: int) -> float:
                                   batch_size=BATCH, sampler="random")
     data.setup()
     loader = DataLoader(data.train_set, batch_size=BATCH, shuffle=True, drop_last=True)
-    encoder, loss_fn = SmallCNN(64), ArcFaceLoss(10, 64)
+    encoder, loss_fn = SmallCNN(128), ArcFaceLoss(10, 128)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
     loss_optimizer = torch.optim.Adam(loss_fn.parameters(), lr=1e-3)
     samples, start = 0, None

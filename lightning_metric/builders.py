@@ -24,9 +24,10 @@ _MOVED_TO_MODULE = ("gradient_clip_val", "accumulate_grad_batches")
 
 
 def register_resolvers() -> None:
-    """``${train_classes:N,protocol}`` and ``${wandb_offline:}`` for the configs."""
+    """``${train_classes:N,protocol}``, ``${mul:a,b}`` and ``${wandb_offline:}`` for the configs."""
     resolvers = {
         "train_classes": _train_classes,
+        "mul": lambda a, b: int(a) * int(b),
         "wandb_offline": lambda: not os.environ.get("WANDB_API_KEY"),
     }
     for name, resolver in resolvers.items():

@@ -26,31 +26,62 @@ class _Embedder(nn.Module):
 
 
 class SmallCNN(_Embedder):
-    """Two conv blocks and a projection, for 1-channel square images (28x28 FMNIST, 8x8 digits).
+    """Two 3x3 conv blocks with 2x2 max pooling and a linear projection, for 1-channel images.
 
-    Input ``(B, 1, H, W)`` (or ``(B, H*W)``, reshaped to a square); output
-    ``(B, embedding_size)``.
+    The encoder of the usual plain PyTorch + PML example (conv 32 -> pool -> conv 64 ->
+    pool -> flatten -> linear): the pooled feature map is kept whole (``image_size / 4``
+    squared positions), not averaged away, so the projection sees where a feature is.
+    Input ``(B, 1, image_size, image_size)`` (or ``(B, image_size**2)``, reshaped);
+    output ``(B, embedding_size)``.
+
+    Args:
+        embedding_size: output dimension.
+        channels: of the first conv layer (the second has twice as many).
+        image_size: side of the square input (28 for Fashion-MNIST, 8 for digits); a
+            multiple of 4.
+        batch_norm: a BatchNorm after each convolution.
+        normalize: L2-normalise the output.
+
+    Raises:
+        ValueError: at construction for an ``image_size`` that is not a positive multiple
+            of 4; at ``forward`` for inputs of another shape.
     """
 
-    def __init__(self, embedding_size: int = 64, channels: int = 32, normalize: bool = False):
+    def __init__(
+        self,
+        embedding_size: int = 128,
+        channels: int = 32,
+        image_size: int = 28,
+        batch_norm: bool = False,
+        normalize: bool = False,
+    ):
         super().__init__(embedding_size, normalize)
+        if image_size < 4 or image_size % 4:
+            raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+        self.image_size = image_size
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.BatchNorm2d(2 * channels),
-            nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            *_conv_block(1, channels, batch_norm), *_conv_block(channels, 2 * channels, batch_norm)
         )
-        self.head = nn.Linear(8 * channels, embedding_size)
+        self.head = nn.Linear(2 * channels * (image_size // 4) ** 2, embedding_size)
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.ndim == 2:
-            side = int(images.shape[1] ** 0.5)
-            if side * side != images.shape[1]:
-                raise ValueError(f"flat input of width {images.shape[1]} is not a square image")
+        side = self.image_size
+        if images.ndim == 2 and images.shape[1] == side * side:
             images = images.view(-1, 1, side, side)
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"SmallCNN expects (B, 1, H, W) images, got {tuple(images.shape)}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != (1, side, side):
+            raise ValueError(
+                f"SmallCNN(image_size={side}) expects (B, 1, {side}, {side}) images or "
+                f"(B, {side * side}) rows, got {tuple(images.shape)}"
+            )
         return self.finish(self.head(self.features(images).flatten(1)))
+
+
+def _conv_block(in_channels: int, out_channels: int, batch_norm: bool) -> list[nn.Module]:
+    """3x3 convolution (same padding), optional BatchNorm, ReLU, 2x2 max pooling."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_channels))
+    return [*layers, nn.ReLU(), nn.MaxPool2d(2)]
 
 
 class MLP(_Embedder):

@@ -1,9 +1,33 @@
 """Retrieval quality of embeddings: precision@1, MAP@R, Recall@K, NMI, ...
 
-The numbers are those of PML's ``AccuracyCalculator`` (same definitions, same
-choice of ``k``, same handling of labels absent from the reference), computed
-with FAISS nearest neighbours searched a chunk of queries at a time, so memory
-stays ``O(chunk_size * k)`` instead of PML's ``O(num_queries * k)`` tensors.
+The definitions are those of PML's ``AccuracyCalculator`` (same choice of ``k``, same
+handling of labels absent from the reference), computed with FAISS nearest neighbours
+searched a chunk of queries at a time, so memory stays ``O(chunk_size * depth)`` instead
+of PML's ``O(num_queries * k)`` tensors. Two things differ from PML, where its answer depends
+on how it searches rather than on the embeddings:
+
+- **What k bounds.** ``k`` bounds only the metrics whose definition has one:
+  ``mean_average_precision`` and ``mean_reciprocal_rank`` look at the first ``k``
+  neighbours. ``r_precision`` and ``mean_average_precision_at_r`` always read the first R
+  (the number of reference items relevant to the query, i.e. sharing its label, itself
+  excluded), ``precision_at_1`` the first one and ``recall_at_K`` the first K, whatever
+  ``k``; the search goes as deep as the requested metrics need. PML cuts R-precision and
+  MAP@R at ``k``, which silently misreports them when ``k`` < R.
+- **Ties.** Reference items at the same distance from a query rank against the query:
+  among equal distances, the items without the query's label come before the items with
+  it. Ties thus never raise a score (an embedding collapsed to a single point scores
+  precision@1 = 0), and ties among items of the same relevance change nothing. Every path
+  applies this one rule, for both distances: the full ranking, the exact FAISS search
+  (which searches deeper until the tie group at the needed depth is complete) and the
+  approximate indexes (on the neighbours they return). In self-retrieval the query itself
+  is dropped by its index, never by its distance. PML keeps FAISS's arbitrary order, so
+  with duplicate embeddings its numbers change with ``k`` and with the storage order.
+  A tie is an equality of the float32 distances as each path computes them: identical
+  vectors tie in every path, but two different items whose distances differ by a rounding
+  error may tie in one path (FAISS's BLAS, the full ranking's matmul) and not in another.
+
+On embeddings without ties and with ``k`` at least R (``None`` or ``"max_bin_count"``),
+the numbers are PML's.
 
 Example::
 
@@ -25,12 +49,12 @@ from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_s
 from torch import Tensor
 
 RECALL_KS = (1, 2, 4, 8)
+R_METRICS = ("r_precision", "mean_average_precision_at_r")  # read the first R neighbours
+K_METRICS = ("mean_average_precision", "mean_reciprocal_rank")  # read the first k
 RANK_METRICS = (
     "precision_at_1",
-    "r_precision",
-    "mean_average_precision_at_r",
-    "mean_average_precision",
-    "mean_reciprocal_rank",
+    *R_METRICS,
+    *K_METRICS,
     *(f"recall_at_{k}" for k in RECALL_KS),
 )
 CLUSTER_METRICS = ("NMI", "AMI")
@@ -40,8 +64,8 @@ INDEXES = ("exact", "hnsw", "ivf")
 
 # Most (query, neighbour) entries held at once: bounds a chunk's memory to a few hundred MB.
 _MAX_CHUNK_ENTRIES = 2**23
-# Beyond this many neighbours, an exact search ranks everything instead of selecting with
-# FAISS; it is also the most a FAISS GPU index returns.
+# Beyond this many neighbours (tie groups included), an exact search ranks everything instead
+# of selecting with FAISS; it is also the most a FAISS GPU index returns.
 _MAX_SELECTED = 2048
 _KMEANS_ITERATIONS = 20  # as PML's AccuracyCalculator
 _gpu_resources = None
@@ -72,15 +96,19 @@ def retrieval_metrics(
             (the default) retrieves the query set from itself, each item excluded from its
             own neighbours (by index, so exact duplicates still count as neighbours).
         distance: ``"cosine"`` (inner product of L2-normalised vectors) or ``"euclidean"``.
-        k: neighbours retrieved per query, as PML: ``None`` = the whole reference set (MAP
+        k: how many neighbours ``mean_average_precision`` and ``mean_reciprocal_rank`` look
+            at, and only those two, chosen as in PML: ``None`` = the whole reference set (MAP
             over the full ranking; every query is scored against every reference item, so
             it is for sets up to ~20k), ``"max_bin_count"`` = the size of the largest class
-            in the reference (minus the query itself), enough for R-precision and MAP@R and
-            the choice for large sets, or an int (capped at the reference size).
-            ``mean_average_precision`` and ``mean_reciprocal_rank`` look at the first ``k``.
+            in the reference (minus the query itself), the choice for large sets, or an int
+            (capped at the reference size). Whatever ``k``, ``precision_at_1`` reads the
+            first neighbour, ``recall_at_K`` the first K, and ``r_precision`` and
+            ``mean_average_precision_at_r`` the first R (the query's number of relevant
+            items); the search goes as deep as the metrics in ``include`` need, so R-deep
+            only when one of the last two is requested.
         index: ``"exact"`` (brute force), or approximate for galleries of millions:
             ``"hnsw"`` (graph) or ``"ivf"`` (inverted lists over k-means cells).
-        chunk_size: queries searched at a time (fewer when ``k`` is large).
+        chunk_size: queries searched at a time (fewer when the search is deep).
         include: names from ``METRICS`` to compute; ``None`` computes all.
         seed: of the k-means behind NMI and AMI (1234 is FAISS's default, which PML uses).
 
@@ -91,6 +119,14 @@ def retrieval_metrics(
         query if any of its first K neighbours shares its label. NMI and AMI compare the
         labels with a k-means partition of the query embeddings into as many clusters as
         there are labels.
+
+        Ties: among reference items at the same distance from a query, those without the
+        query's label rank first (ties never raise a score; ties among items of the same
+        relevance change nothing). One rule for both distances and every path (full
+        ranking, exact FAISS with whole tie groups, approximate indexes on what they
+        return), so duplicated embeddings give the same metrics whatever ``k`` (for the
+        metrics it does not bound), path and storage order (up to float32 rounding of
+        distinct distances, see the module docstring).
     """
     names = _checked_names(include)
     _check_options(distance, k, index, chunk_size)
@@ -113,6 +149,7 @@ def retrieval_metrics(
         results.update(
             _rank_metrics(
                 query, query_labels, reference, reference_labels, same_set,
+                names=[name for name in names if name in RANK_METRICS],
                 distance=distance, k=k, index=index, chunk_size=chunk_size,
             )
         )
@@ -124,6 +161,9 @@ def retrieval_metrics(
 @torch.no_grad()
 def precision_at_1(embeddings: Tensor, labels: Tensor, chunk_size: int = 4096) -> float:
     """Share of items whose nearest other item (cosine) has the same label.
+
+    Among items at the same distance, those with another label come first (the tie rule of
+    :func:`retrieval_metrics`): a nearest tie that holds another label is a miss.
 
     ``embeddings`` ``(N, D)``, ``labels`` ``(N,)``; the item itself is excluded, and so are
     items whose label no other item has (as PML does; NaN if every label is a singleton).
@@ -192,41 +232,61 @@ def _rank_metrics(
     reference_labels: Tensor,
     same_set: bool,
     *,
+    names: list[str],
     distance: str,
     k: int | str | None,
     index: str,
     chunk_size: int,
 ) -> dict[str, float]:
+    """The rank metrics ``names``, averaged over the queries with a relevant reference item;
+    the search is as deep as ``names`` need (``_search_depth``)."""
     query_codes, reference_codes = _label_codes(query_labels, reference_labels)
     # R: how many reference items are relevant to each query (its own label, itself excluded).
     class_sizes = torch.bincount(reference_codes, minlength=int(query_codes.max()) + 1)
     relevant = class_sizes[query_codes] - int(same_set)
     rows = torch.nonzero(relevant > 0).squeeze(1)
     if len(rows) == 0:
-        return dict.fromkeys(RANK_METRICS, math.nan)
+        return dict.fromkeys(names, math.nan)
     available = len(reference) - int(same_set)
     if k is None:
         k = available
     elif k == "max_bin_count":
         k = int(relevant.max())
     k = min(k, available)
-    depth = min(max(k, max(RECALL_KS)), available)
+    depth = _search_depth(names, k, int(relevant.max()), available)
 
     query, reference = _search_space(query, distance), _search_space(reference, distance)
-    if index == "exact" and depth > _MAX_SELECTED:
-        ranker = _FullRanker(reference, reference_codes, distance, same_set)
-        row_entries = len(reference)
+    full_ranker = _FullRanker(reference, reference_codes, distance, same_set)
+    width = depth + 1 + int(same_set)  # the depth, the query itself, one to see past the depth
+    if index == "exact" and width > _MAX_SELECTED:
+        ranker, row_entries = full_ranker, len(reference)
     else:
-        ranker = _FaissRanker(reference, reference_codes, distance, index, depth, same_set)
-        row_entries = depth + 1
+        ranker = _FaissRanker(
+            reference, reference_codes, distance, index, depth, same_set, full_ranker
+        )
+        row_entries = width
     step = max(1, min(chunk_size, _MAX_CHUNK_ENTRIES // row_entries))
-    totals = dict.fromkeys(RANK_METRICS, 0.0)
+    totals = dict.fromkeys(names, 0.0)
     for start in range(0, len(rows), step):
         ids = rows[start : start + step]
-        ranks = ranker(query[ids], query_codes[ids], ids, relevant[ids])
-        for name, value in _summed_metrics(ranks, relevant[ids], k).items():
+        columns = min(int(relevant[ids].max()), depth)
+        ranks = ranker(query[ids], query_codes[ids], ids, columns)
+        for name, value in _summed_metrics(ranks, relevant[ids], k, names).items():
             totals[name] += value
     return {name: total / len(rows) for name, total in totals.items()}
+
+
+def _search_depth(names: list[str], k: int, max_relevant: int, available: int) -> int:
+    """Neighbours per query that the metrics ``names`` read: 1 for precision@1, K for
+    Recall@K, R (the largest is ``max_relevant``) for R-precision and MAP@R, ``k`` for MAP
+    and MRR; at most the ``available`` reference items."""
+    reads = {
+        "precision_at_1": 1,
+        **dict.fromkeys(R_METRICS, max_relevant),
+        **dict.fromkeys(K_METRICS, k),
+        **{f"recall_at_{recall_k}": recall_k for recall_k in RECALL_KS},
+    }
+    return min(max(reads[name] for name in names), available)
 
 
 def _label_codes(query_labels: Tensor, reference_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,68 +295,135 @@ def _label_codes(query_labels: Tensor, reference_labels: Tensor) -> tuple[Tensor
     return codes[: len(query_labels)], codes[len(query_labels) :]
 
 
-def _summed_metrics(ranks: Tensor, relevant: Tensor, k: int) -> dict[str, float]:
-    """Per-query metrics summed over a chunk of queries.
+def _summed_metrics(
+    ranks: Tensor, relevant: Tensor, k: int, names: list[str]
+) -> dict[str, float]:
+    """The metrics ``names`` per query, summed over a chunk of queries.
 
-    ``ranks`` ``(Q, C)``: ascending positions (1 = nearest) of each query's relevant items in
-    its neighbour list, ``inf`` past those found; ``relevant`` ``(Q,)``: their number R.
-    Only the first ``k`` neighbours count, except for Recall@K.
+    ``ranks`` ``(Q, C)``: ascending positions (1 = nearest, ties ordered by the tie rule) of
+    each query's relevant items in its ranking, ``inf`` past those found, as deep as
+    ``names`` need; ``relevant`` ``(Q,)``: their number R. With ``n_i`` the i-th rank:
+    precision@1 is ``n_1 == 1``; R-precision the share of the R within the first R; MAP@R
+    ``sum(i / n_i for n_i <= R) / R``; MAP ``sum(i / n_i for n_i <= k) / R``; MRR ``1 / n_1``
+    if ``n_1 <= k``; Recall@K ``n_1 <= K``.
     """
     relevant = relevant.to(torch.float64)
     ranks = ranks.to(torch.float64)
     nth = torch.arange(1, ranks.shape[1] + 1, dtype=torch.float64)
     first = ranks[:, 0]
-    in_top_k = ranks <= k
-    precision_at_hits = torch.where(in_top_k, nth / ranks, 0.0)
-    r_limit = relevant.clamp(max=k)
-    in_top_r = ranks <= r_limit[:, None]
+    precision_at_hits = nth / ranks  # 0 past the relevant items found
+    in_top_r = ranks <= relevant[:, None]
     sums = {
         "precision_at_1": first == 1,
-        "r_precision": in_top_r.sum(dim=1) / r_limit,
+        "r_precision": in_top_r.sum(dim=1) / relevant,
         "mean_average_precision_at_r": (precision_at_hits * in_top_r).sum(dim=1) / relevant,
-        "mean_average_precision": precision_at_hits.sum(dim=1) / relevant,
+        "mean_average_precision": (precision_at_hits * (ranks <= k)).sum(dim=1) / relevant,
         "mean_reciprocal_rank": torch.where(first <= k, 1.0 / first, 0.0),
     }
     for recall_k in RECALL_KS:
         sums[f"recall_at_{recall_k}"] = first <= recall_k
-    return {name: float(values.sum()) for name, values in sums.items()}
+    return {name: float(sums[name].sum()) for name in names}
 
 
 class _FaissRanker:
-    """Ranks of the relevant items among a query's ``depth`` nearest neighbours from FAISS."""
+    """Ranks of the relevant items among each query's ``depth`` nearest neighbours, from FAISS.
 
-    def __init__(self, reference, reference_codes, distance, index, depth, same_set):
-        self.index = _build_index(reference.numpy(), distance, index, depth + int(same_set))
+    Ties follow the module's rule, which needs each query's tie group at ``depth`` whole. An
+    exact search ``width`` deep has it when the ``depth``-th neighbour (the query itself left
+    out) is strictly nearer than the last one returned: every item as near as the
+    ``depth``-th is then in the list. Queries without it are searched again twice as deep,
+    and ranked in full (``fallback``) once that would pass ``_MAX_SELECTED``. Approximate
+    indexes are searched once and the rule is applied to the neighbours they return.
+    """
+
+    def __init__(self, reference, reference_codes, distance, index, depth, same_set, fallback):
+        self.width = depth + 1 + int(same_set)
+        self.index = _build_index(reference.numpy(), distance, index, self.width)
+        self.exact = index == "exact"
+        self.size = len(reference)
+        # FAISS returns inner products largest first; negated, they order as distances do.
+        self.sign = -1.0 if distance == "cosine" else 1.0
         self.reference_codes = reference_codes
         self.depth = depth
         self.same_set = same_set
+        self.fallback = fallback
 
-    def __call__(self, query: Tensor, query_codes: Tensor, ids: Tensor, relevant: Tensor):
-        _, neighbours = self.index.search(query.numpy(), self.depth + int(self.same_set))
+    def __call__(self, query: Tensor, query_codes: Tensor, ids: Tensor, columns: int) -> Tensor:
+        """``(Q, columns)`` ranks of the relevant items of queries ``ids`` (indices in the
+        reference set when it is the query set), ascending, ``inf`` past those found."""
+        ranks = torch.full((len(ids), columns), math.inf)
+        pending = torch.arange(len(ids))
+        width = min(self.width, self.size)
+        while len(pending):
+            if self.exact and width > _MAX_SELECTED:
+                for part in _parts(pending, self.size):
+                    ranks[part] = self.fallback(query[part], query_codes[part], ids[part], columns)
+                break
+            unfinished = []
+            for part in _parts(pending, width):
+                part_ranks, complete = self._search(
+                    query[part], query_codes[part], ids[part], width, columns
+                )
+                ranks[part[complete]] = part_ranks[complete]
+                unfinished.append(part[~complete])
+            pending = torch.cat(unfinished)
+            width = min(2 * width, self.size)
+        return ranks
+
+    def _search(self, query, query_codes, ids, width, columns) -> tuple[Tensor, Tensor]:
+        """Ranks ``(Q, columns)`` from a search ``width`` deep, and ``(Q,)`` whether they are
+        final (the tie group at ``depth`` is whole, or the index is approximate)."""
+        distances, neighbours = self.index.search(query.numpy(), width)
+        distances = self.sign * torch.from_numpy(distances)
         neighbours = torch.from_numpy(neighbours)
-        if self.same_set:
-            neighbours = _drop_self(neighbours, ids)
         hits = self.reference_codes[neighbours.clamp(min=0)] == query_codes[:, None]
-        hits &= neighbours >= 0  # approximate indexes pad with -1
+        left_out = neighbours < 0  # approximate indexes pad with -1
+        if self.same_set:
+            left_out |= neighbours == ids[:, None]
+        groups = _tie_groups(distances)
+        ordered_hits, ordered_groups = _tie_ordered(groups, hits, left_out)
+        # Every item nearer than the last one returned is in the list.
+        complete = ordered_groups[:, self.depth - 1] < groups[:, -1]
+        if not self.exact or width >= self.size:
+            complete[:] = True
         position = torch.arange(1, self.depth + 1, dtype=torch.float32)
-        ranks = torch.where(hits, position, math.inf)
-        columns = min(int(relevant.max()), self.depth)
-        return torch.topk(ranks, columns, dim=1, largest=False).values
+        ranks = torch.where(ordered_hits[:, : self.depth], position, math.inf)
+        return torch.topk(ranks, columns, dim=1, largest=False).values, complete
 
 
-def _drop_self(neighbours: Tensor, ids: Tensor) -> Tensor:
-    """Remove each query from its own neighbour list (the last neighbour if it is absent)."""
-    is_self = neighbours == ids[:, None]
-    is_self[~is_self.any(dim=1), -1] = True
-    return neighbours[~is_self].view(len(ids), -1)
+def _tie_groups(distances: Tensor) -> Tensor:
+    """``(Q, L)`` tie group of each neighbour: 0 for a row's nearest distance, one more at
+    each larger distance; ``distances`` ``(Q, L)`` nearest first, as FAISS returns them."""
+    steps = distances[:, 1:] != distances[:, :-1]
+    return F.pad(steps.cumsum(dim=1), (1, 0))
+
+
+def _tie_ordered(groups: Tensor, hits: Tensor, left_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's neighbours in rank order under the tie rule: by tie group, and within a
+    group the misses (items without the query's label) before the hits.
+
+    ``groups`` (from ``_tie_groups``), ``hits``, ``left_out``: ``(Q, L)`` of each neighbour,
+    ``left_out`` marking entries that are not neighbours (the query itself, padding); those
+    go last, as misses in a group past all others. Returns the ``(Q, L)`` hits and groups
+    in rank order.
+    """
+    past_all = 2 * groups.shape[1]
+    keys = torch.where(left_out, past_all, 2 * groups + hits.long())
+    keys = keys.sort(dim=1).values
+    return keys % 2 == 1, keys // 2
+
+
+def _parts(rows: Tensor, row_entries: int) -> tuple[Tensor, ...]:
+    """``rows`` split so that a part holds at most ``_MAX_CHUNK_ENTRIES`` entries."""
+    return torch.split(rows, max(1, _MAX_CHUNK_ENTRIES // row_entries))
 
 
 class _FullRanker:
     """Exact ranks of the relevant items in the full ranking of the reference set.
 
     Instead of sorting each row of scores (``M log M``), sorts only the R relevant scores
-    and counts, for each of them, the other items scoring higher (``M log R``). Ties
-    between a relevant and an irrelevant item rank the relevant one first.
+    and counts, for each of them, the other items scoring at least as high (``M log R``):
+    an irrelevant item tied with a relevant one ranks first (the module's tie rule).
     """
 
     def __init__(self, reference, reference_codes, distance, same_set):
@@ -306,7 +433,9 @@ class _FullRanker:
         self.offset = reference.square().sum(dim=1) if distance == "euclidean" else None
         self.same_set = same_set
 
-    def __call__(self, query: Tensor, query_codes: Tensor, ids: Tensor, relevant: Tensor):
+    def __call__(self, query: Tensor, query_codes: Tensor, ids: Tensor, columns: int) -> Tensor:
+        """``(Q, columns)`` ranks of the first ``columns`` relevant items of queries ``ids``,
+        ascending, ``inf`` for queries with fewer."""
         scores = query @ self.reference.T
         if self.offset is not None:
             scores = 2 * scores - self.offset
@@ -315,19 +444,19 @@ class _FullRanker:
             rows = torch.arange(len(ids))
             is_relevant[rows, ids] = False
             scores[rows, ids] = -math.inf
-        num_relevant = int(relevant.max())
-        # Relevant scores, highest first; rows with fewer than num_relevant end with -inf.
+        # Relevant scores, highest first; rows with fewer than `columns` end with -inf.
         relevant_scores = torch.where(is_relevant, scores, -math.inf)
-        relevant_scores = torch.topk(relevant_scores, num_relevant, dim=1).values
+        relevant_scores = torch.topk(relevant_scores, columns, dim=1).values
         irrelevant_scores = scores.masked_fill_(is_relevant, -math.inf)
-        # bucket = how many relevant scores lie below each irrelevant one (-inf: none above).
+        # bucket = how many relevant scores lie at or below each irrelevant one (right=True:
+        # a tie counts the irrelevant item above); the -inf ones only pass the -inf padding.
         ascending = relevant_scores.flip(1).contiguous()
-        bucket = torch.searchsorted(ascending, irrelevant_scores)
-        counts = torch.zeros(len(ids), num_relevant + 1, dtype=torch.int64)
+        bucket = torch.searchsorted(ascending, irrelevant_scores, right=True)
+        counts = torch.zeros(len(ids), columns + 1, dtype=torch.int64)
         counts.scatter_add_(1, bucket, torch.ones(1, dtype=torch.int64).expand_as(bucket))
-        # Irrelevant items above the i-th highest relevant one: those in buckets past it.
-        above = counts.flip(1).cumsum(dim=1)[:, :num_relevant]
-        ranks = torch.arange(1, num_relevant + 1) + above
+        # Irrelevant items ranked before the i-th highest relevant one: those in buckets past it.
+        above = counts.flip(1).cumsum(dim=1)[:, :columns]
+        ranks = torch.arange(1, columns + 1) + above
         return torch.where(relevant_scores > -math.inf, ranks.to(torch.float32), math.inf)
 
 

@@ -63,6 +63,7 @@ def test_digits_splits_are_disjoint_and_cover_every_class():
         ({"val_fraction": 1.5}, "data.val_fraction"),
         ({"batch_size": 30, "m_per_class": 8}, r"data.batch_size \(30\).*data.m_per_class \(8\)"),
         ({"num_classes": 7}, "data.num_classes=7"),
+        ({"image_size": 28}, "data.image_size=28, but DigitsDataModule holds images of side 8"),
         ({"subset": 0}, "data.subset"),
     ],
 )
@@ -73,9 +74,13 @@ def test_bad_data_settings_name_the_setting(kwargs, message):
 
 def test_encoders_give_embeddings_of_the_configured_size():
     assert SmallCNN(16)(torch.randn(3, 1, 28, 28)).shape == (3, 16)
-    assert SmallCNN(16)(torch.randn(3, 1, 8, 8)).shape == (3, 16)
-    normalized = SmallCNN(8, normalize=True)(torch.randn(4, 64))
+    assert SmallCNN(16, image_size=8, batch_norm=True)(torch.randn(3, 1, 8, 8)).shape == (3, 16)
+    normalized = SmallCNN(8, image_size=8, normalize=True)(torch.randn(4, 64))
     torch.testing.assert_close(normalized.norm(dim=1), torch.ones(4))
+    with pytest.raises(ValueError, match=r"SmallCNN\(image_size=28\) expects \(B, 1, 28, 28\)"):
+        SmallCNN(16)(torch.randn(3, 1, 8, 8))
+    with pytest.raises(ValueError, match="image_size must be a positive multiple of 4, got 30"):
+        SmallCNN(16, image_size=30)
     assert MLP(64, 8)(torch.randn(2, 1, 8, 8)).shape == (2, 8)
     with pytest.raises(ValueError, match="in_features=64"):
         MLP(64, 8)(torch.randn(2, 1, 28, 28))

@@ -15,8 +15,10 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from sklearn.metrics import adjusted_mutual_info_score
 
 from lightning_metric import evaluation
+from lightning_metric.callbacks import RetrievalMetrics
 from lightning_metric.evaluation import (
     METRICS,
+    R_METRICS,
     RANK_METRICS,
     precision_at_1,
     retrieval_metrics,
@@ -56,6 +58,17 @@ def pml(query, query_labels, reference=None, reference_labels=None, k=None):
     return calculator.get_accuracy(query, query_labels, reference, reference_labels)
 
 
+def pml_where_right(query, query_labels, reference=None, reference_labels=None, k=None):
+    """PML's values where they are right: PML reads R-precision and MAP@R in its first k
+    neighbours only, which is wrong for an int k < R, so for an int k those two come from a
+    run with ``k=None``."""
+    theirs = pml(query, query_labels, reference, reference_labels, k=k)
+    if isinstance(k, int):
+        full_depth = pml(query, query_labels, reference, reference_labels, k=None)
+        theirs.update({name: full_depth[name] for name in R_METRICS})
+    return theirs
+
+
 def assert_matches_pml(ours, theirs):
     for name in PML_KEYS:
         assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
@@ -83,10 +96,10 @@ LINE_EXPECTED = {
         "recall_at_4": Fr(6, 6),
         "recall_at_8": Fr(6, 6),
     },
-    1: {  # only the nearest neighbour counts (Recall@K still looks deeper)
+    1: {  # k = 1 < R = 2: MAP and MRR see the nearest neighbour, R-precision and MAP@R R of them
         "precision_at_1": Fr(3, 6),
-        "r_precision": Fr(3, 6),
-        "mean_average_precision_at_r": Fr(1, 2) * 3 / 6,
+        "r_precision": Fr(1, 2) * 4 / 6,
+        "mean_average_precision_at_r": (Fr(1, 2) * 3 + Fr(1, 4)) / 6,
         "mean_average_precision": Fr(1, 2) * 3 / 6,
         "mean_reciprocal_rank": Fr(3, 6),
         "recall_at_1": Fr(3, 6),
@@ -126,8 +139,8 @@ def test_six_points_on_a_line(ranker, distance, k):
         include=RANK_METRICS,
     )
     assert ours == pytest.approx({name: float(v) for name, v in LINE_EXPECTED[k].items()})
-    if distance == "euclidean":  # and PML agrees with the hand count
-        theirs = pml(line_embeddings(distance), torch.tensor(LINE_LABELS), k=k)
+    if distance == "euclidean":  # and PML agrees with the hand count where it is right
+        theirs = pml_where_right(line_embeddings(distance), torch.tensor(LINE_LABELS), k=k)
         assert {name: ours[name] for name in PML_KEYS[:5]} == pytest.approx(
             {name: theirs[name] for name in PML_KEYS[:5]}, abs=1e-6
         )
@@ -166,10 +179,16 @@ def test_duplicates_are_neighbours_after_dropping_self_by_index(ranker):
 
 
 def test_self_is_dropped_by_index_not_by_position():
-    # Item 0's list starts with its zero-distance twin (item 1): the twin must stay.
-    neighbours = torch.tensor([[1, 0, 2], [1, 2, 3]])
-    kept = evaluation._drop_self(neighbours, torch.tensor([0, 0]))
-    assert kept.tolist() == [[1, 2], [1, 2]]  # item 0 absent from row 2: its last one goes
+    # Row 1: the query (left out) ties at distance 0 with a hit and a miss: it goes last and
+    # the miss ranks before the hit. Row 2: the query is absent from its list; all stay.
+    distances = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.5, 2.0, 2.0, 3.0]])
+    groups = evaluation._tie_groups(distances)
+    assert groups.tolist() == [[0, 0, 0, 1], [0, 1, 1, 2]]
+    hits = torch.tensor([[True, False, True, True], [True, True, False, False]])
+    left_out = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    ordered_hits, ordered_groups = evaluation._tie_ordered(groups, hits, left_out)
+    assert ordered_hits.tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert ordered_groups.tolist() == [[0, 0, 1, 4], [0, 1, 1, 2]]
 
 
 def test_k_beyond_the_reference_is_the_whole_reference(ranker):
@@ -230,7 +249,7 @@ def test_self_retrieval_matches_pml_euclidean(ranker, k):
     embeddings, labels = clustered()
     assert_matches_pml(
         retrieval_metrics(embeddings, labels, distance="euclidean", k=k),
-        pml(embeddings, labels, k=k),
+        pml_where_right(embeddings, labels, k=k),
     )
 
 
@@ -254,7 +273,7 @@ def test_separate_gallery_matches_pml(ranker, distance, k):
     ours = retrieval_metrics(query, query_labels, gallery, gallery_labels, distance=distance, k=k)
     if distance == "cosine":
         query, gallery = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
-    assert_matches_pml(ours, pml(query, query_labels, gallery, gallery_labels, k=k))
+    assert_matches_pml(ours, pml_where_right(query, query_labels, gallery, gallery_labels, k=k))
 
 
 def test_nmi_ami_match_pml_on_separated_clusters():
@@ -278,6 +297,91 @@ def test_recall_at_k_by_brute_force(ranker):
     keep = torch.bincount(labels)[labels] > 1  # queries with another item of their class
     for k in (1, 2, 4, 8):
         assert ours[f"recall_at_{k}"] == pytest.approx(float(same[keep, :k].any(1).float().mean()))
+
+
+# -- R-based metrics read R neighbours whatever k ----------------------------------------------
+
+# One query at 0 (label 0); gallery at 1 2 3 4 with labels 0 1 0 0, so R = 3 and the relevant
+# items rank 1, 3, 4: R-precision 2/3 and MAP@R (1/1 + 2/3) / 3 = 5/9 for every k. PML with
+# k = 1 reads them in the first neighbour only: 1/1 and (1/1) / 3.
+GALLERY = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+GALLERY_LABELS = torch.tensor([0, 1, 0, 0])
+QUERY, QUERY_LABELS = torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+GALLERY_EXPECTED = {
+    "precision_at_1": 1, "r_precision": Fr(2, 3), "mean_average_precision_at_r": Fr(5, 9),
+    "mean_reciprocal_rank": 1, "recall_at_1": 1, "recall_at_2": 1, "recall_at_4": 1,
+    "recall_at_8": 1,
+}
+GALLERY_MAP = {  # the first k neighbours: ranks 1 (k = 1, 2), 1 and 3 (k = R = 3), all three
+    1: Fr(1, 3), 2: Fr(1, 3), "max_bin_count": (1 + Fr(2, 3)) / 3,
+    None: (1 + Fr(2, 3) + Fr(3, 4)) / 3,
+}
+
+
+@pytest.mark.parametrize("k", [1, 2, "max_bin_count", None])
+def test_r_metrics_read_r_neighbours_whatever_k(ranker, k):
+    ours = retrieval_metrics(
+        QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS, distance="euclidean", k=k,
+        include=RANK_METRICS,
+    )
+    expected = {**GALLERY_EXPECTED, "mean_average_precision": GALLERY_MAP[k]}
+    assert ours == pytest.approx({name: float(value) for name, value in expected.items()})
+    truncated = pml(QUERY, QUERY_LABELS, GALLERY, GALLERY_LABELS, k=1)  # why PML is no oracle
+    assert (truncated["r_precision"], truncated["mean_average_precision_at_r"]) == (
+        pytest.approx(1.0), pytest.approx(1 / 3)
+    )
+
+
+# Self-retrieval of 0 1 2 3 4 (labels 0 0 1 0 0; item 2 is lone, so left out), R = 3. Lists,
+# with the tie rule (at equal distance the other label first): q0: 1+ 2- 3+ 4+;
+# q1: 2- 0+ 3+ 4+ (0 and 2 tie at 1); q3: 2- 4+ 1+ 0+; q4: 3+ 2- 1+ 0+.
+SELF_POINTS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]])
+SELF_LABELS = torch.tensor([0, 0, 1, 0, 0])
+SELF_EXPECTED = {
+    "precision_at_1": Fr(1, 2),
+    "r_precision": Fr(2, 3),
+    "mean_average_precision_at_r": (2 * (1 + Fr(2, 3)) / 3 + 2 * (Fr(1, 2) + Fr(2, 3)) / 3) / 4,
+    "recall_at_1": Fr(1, 2), "recall_at_2": 1, "recall_at_4": 1, "recall_at_8": 1,
+}
+SELF_BY_K = {
+    1: {"mean_average_precision": (2 * Fr(1, 3)) / 4, "mean_reciprocal_rank": Fr(1, 2)},
+    None: {
+        "mean_average_precision": (
+            2 * (1 + Fr(2, 3) + Fr(3, 4)) / 3 + 2 * (Fr(1, 2) + Fr(2, 3) + Fr(3, 4)) / 3
+        ) / 4,
+        "mean_reciprocal_rank": Fr(3, 4),
+    },
+}
+
+
+@pytest.mark.parametrize("k", [1, None])
+def test_r_metrics_in_self_retrieval_with_ties_by_hand(ranker, k):
+    ours = retrieval_metrics(
+        SELF_POINTS, SELF_LABELS, distance="euclidean", k=k, include=RANK_METRICS
+    )
+    expected = {**SELF_EXPECTED, **SELF_BY_K[k]}
+    assert ours == pytest.approx({name: float(value) for name, value in expected.items()})
+
+
+def test_search_goes_r_deep_only_when_an_r_metric_is_requested(monkeypatch):
+    assert evaluation._search_depth(["precision_at_1"], 1, 50, 99) == 1
+    assert evaluation._search_depth(["precision_at_1", "recall_at_8"], 1, 50, 99) == 8
+    assert evaluation._search_depth(["mean_reciprocal_rank"], 3, 50, 99) == 3
+    assert evaluation._search_depth(["precision_at_1", "r_precision"], 1, 50, 99) == 50
+    assert evaluation._search_depth(["mean_average_precision_at_r"], 1, 500, 99) == 99
+    widths = []
+    build_index = evaluation._build_index
+
+    def recording(reference, distance, index, depth):
+        widths.append(depth)
+        return build_index(reference, distance, index, depth)
+
+    monkeypatch.setattr(evaluation, "_build_index", recording)
+    embeddings, labels = clustered(n=200, singletons=0, seed=11)
+    precision_at_1(embeddings, labels)
+    retrieval_metrics(embeddings, labels, k=1, include=("precision_at_1", "r_precision"))
+    # depth 1 (plus the query itself and one past it), then the largest R (plus the same two)
+    assert widths == [3, int(torch.bincount(labels).max()) - 1 + 2]
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -427,6 +531,36 @@ def test_retrieval_metric_in_a_lightning_module():
     logged = trainer.validate(_Validated(), loader, verbose=False)[0]
     assert set(logged) == {"val/precision_at_1", "val/NMI"}
     assert 0.0 <= logged["val/precision_at_1"] <= 1.0
+
+
+def test_retrieval_metric_with_an_int_k_reads_r_neighbours():
+    metric = RetrievalMetric(distance="euclidean", k=1, include=R_METRICS)
+    metric.update(QUERY, QUERY_LABELS)
+    metric.update(GALLERY, GALLERY_LABELS, reference=True)
+    result = {name: float(value) for name, value in metric.compute().items()}
+    assert result == pytest.approx({"r_precision": 2 / 3, "mean_average_precision_at_r": 5 / 9})
+
+
+class _Embedded(pl.LightningModule):
+    """Validation steps that return their inputs as embeddings, for the callback."""
+
+    def validation_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return {"embeddings": inputs, "labels": labels}
+
+
+def test_retrieval_metrics_callback_with_an_int_k_reads_r_neighbours():
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(SELF_POINTS, SELF_LABELS), batch_size=2
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[RetrievalMetrics(distance="euclidean", k=1, include=RANK_METRICS)],
+    )
+    logged = trainer.validate(_Embedded(), loader, verbose=False)[0]
+    expected = {**SELF_EXPECTED, **SELF_BY_K[1]}
+    assert logged == pytest.approx({f"val/{name}": float(v) for name, v in expected.items()})
 
 
 def test_numpy_labels_can_be_any_hashable_integers():

@@ -41,6 +41,8 @@ class LabelledDataModule(pl.LightningDataModule):
         seed: seeds the split and the samplers.
         num_workers: DataLoader workers.
         num_classes: optional check: the number of training classes the config expects.
+        image_size: optional check: the side of the square images the config expects
+            (what ``model.encoder.image_size`` is set from).
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class LabelledDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         num_classes: int | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
         if sampler not in SAMPLERS:
@@ -83,12 +86,19 @@ class LabelledDataModule(pl.LightningDataModule):
                 f"protocol={protocol!r} trains on {self.num_classes} classes"
             )
 
+        if image_size is not None and image_size != self.image_size:
+            raise ValueError(
+                f"data.image_size={image_size}, but {type(self).__name__} holds images of side "
+                f"{self.image_size}"
+            )
+
     # -- what a subclass provides -------------------------------------------------
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(train_x, train_y, test_x, test_y)``: float inputs and integer labels 0..C-1."""
         raise NotImplementedError
 
     class_names: tuple[str, ...] = ()
+    image_size: int | None = None  # side of the square images, where the items are images
 
     # -- the rest -------------------------------------------------------------------
     @property

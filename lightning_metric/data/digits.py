@@ -16,6 +16,7 @@ class DigitsDataModule(LabelledDataModule):
     ``split_seed``) is the test set.
     """
 
+    image_size = 8
     class_names = tuple(str(d) for d in range(10))
 
     def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, **kwargs):

@@ -40,6 +40,7 @@ class FashionMNISTDataModule(LabelledDataModule):
         **kwargs: :class:`~lightning_metric.data.base.LabelledDataModule` options.
     """
 
+    image_size = 28
     class_names = CLASS_NAMES
 
     def __init__(self, data_dir: str | Path, download: bool = True, **kwargs):
