@@ -38,12 +38,17 @@ def weights(checkpoint: Path) -> dict:
 
 
 def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
-    run_recipe(tmp_path, "loss=triplet", "data=digits", "export=true", *WITH_PLOT)
+    three_epochs = [o for o in WITH_PLOT if not o.startswith("trainer.max_epochs")]
+    run_recipe(tmp_path, "loss=triplet", "data=digits", "export=true", *three_epochs,
+               "trainer.max_epochs=3")
     found = metrics(tmp_path)
     assert found["test/precision_at_1"] > 0.8
-    assert {"test/loss", "val/precision_at_1"} <= set(found)
+    assert {"test/loss", "val/precision_at_1", "val/mean_average_precision_at_r"} <= set(found)
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 2
+    best = last["callbacks"][next(k for k in last["callbacks"] if "BestAndLast" in k)]
+    assert best["monitor"] == "val/mean_average_precision_at_r"
     assert list((tmp_path / "csv").rglob("metrics.csv"))
     assert_is_a_real_picture(tmp_path / "plots" / "test.png")
 
@@ -55,7 +60,7 @@ def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
 
     exported = tmp_path / "export"
     labels = numpy.load(exported / "labels.npy")
-    assert numpy.load(exported / "embeddings.npy").shape == (len(labels), 64)
+    assert numpy.load(exported / "embeddings.npy").shape == (len(labels), 128)
     searched = subprocess.run(
         [sys.executable, "-m", "recipes.search", str(exported), "--query", "5", "-k", "3"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=True,
@@ -76,7 +81,7 @@ def test_arcface_on_fashion_mnist_trains_hundreds_of_steps(tmp_path):
     found = metrics(tmp_path)
     assert found["test/precision_at_1"] > 0.7
     state = weights(tmp_path / "checkpoints" / "last.ckpt")
-    assert state["loss.W"].shape == (64, 10)
+    assert state["loss.W"].shape == (128, 10)
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
