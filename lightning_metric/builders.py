@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from .losses.registry import entry_for, resolve_sampler
@@ -129,3 +130,25 @@ def scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
         key: float(value) for key, value in trainer.callback_metrics.items()
         if key.startswith(prefix)
     }
+
+
+SUMMARY_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "recall_at_4")
+
+
+def test_summary(metrics: dict[str, float], checkpoint: ModelCheckpoint | None,
+                 run_dir: Path) -> str:
+    """Two lines for the end of a run: which weights were tested, and their main test metrics.
+
+    ``checkpoint``: the callback whose best checkpoint was tested (None: the last weights).
+    """
+    if checkpoint is None:
+        chosen = "the last weights"
+    else:
+        path = Path(checkpoint.best_model_path)
+        shown = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
+        chosen = f"{shown} (best {checkpoint.monitor} = {float(checkpoint.best_model_score):.4f})"
+    values = "  ".join(
+        f"{name} {metrics[f'test/{name}']:.4f}" for name in SUMMARY_METRICS
+        if f"test/{name}" in metrics
+    )
+    return f"Tested {chosen}:\n  {values}"

@@ -6,14 +6,15 @@ trains with Lightning's manual optimization, so the one code path steps one
 or two optimizers alike, and owns what Lightning cannot do for it there:
 gradient clipping (``gradient_clip_val``, ``gradient_clip_algorithm``) and
 gradient accumulation (``accumulate_grad_batches``: both optimizers step
-every N batches). A step counts once per batch (per accumulated batch group)
-whatever the number of optimizers: ``trainer.global_step``, ``max_steps``,
-``log_every_n_steps`` and ``ModelCheckpoint(every_n_train_steps=...)`` count
-the encoder's optimizer steps, not the loss optimizer's too. Evaluation never
-changes training state: the loss that gives ``val/loss`` / ``test/loss`` runs
-in eval mode, and every buffer it holds (a memory bank's queue, running
-statistics) is restored afterwards. Set those on the module, not the Trainer
-(``recipes.train`` moves them for you). Mixed precision, checkpoints (both
+every N batches). Set those on the module, not the Trainer
+(``recipes.train`` moves them for you). A step counts once per batch (per
+accumulated group of batches) whatever the number of optimizers:
+``trainer.global_step``, ``max_steps``, ``log_every_n_steps`` and
+``ModelCheckpoint(every_n_train_steps=...)`` count the encoder's optimizer
+steps, not the loss optimizer's too. Evaluation never changes training state:
+the loss that gives ``val/loss`` / ``test/loss`` runs in eval mode, and every
+buffer it holds (a memory bank's queue, running statistics) is restored
+afterwards. Mixed precision, checkpoints (both
 optimizers' and schedulers' states, the loss's parameters) and loggers are
 Lightning's as usual. Retrieval metrics and embedding plots come from the
 callbacks (:class:`~lightning_metric.callbacks.RetrievalMetrics`,

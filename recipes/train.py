@@ -4,7 +4,10 @@ Every run writes into its Hydra output folder: the resolved config
 (``.hydra/``), checkpoints, the logger's files, a UMAP plot of the test
 embeddings (``plots/``), ``metrics.json`` and, with ``export=true``, the test
 embeddings and a FAISS index (``export/``).
-Returns the ``optimized_metric`` for Hydra sweepers.
+Prints which checkpoint was tested (the best by ``optimized_metric``, default
+``val/mean_average_precision_at_r``) and its main test metrics. Returns the
+best value of ``optimized_metric`` (its last value when checkpoints are not
+chosen by it) for Hydra sweepers.
 """
 
 from __future__ import annotations
@@ -26,16 +29,22 @@ def train(cfg: DictConfig) -> float | None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = builders.scalar_metrics(trainer, "val/")
     metrics.update(builders.scalar_metrics(trainer, "train/"))
-    if cfg.test:
-        has_best = trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
-        trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None)
-        metrics.update(builders.scalar_metrics(trainer, "test/"))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is None or not checkpoint.best_model_path:
+        checkpoint = None
+    else:
+        metrics[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
+    if cfg.test:
+        trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint else None)
+        metrics.update(builders.scalar_metrics(trainer, "test/"))
+        print(builders.test_summary(metrics, checkpoint, run_dir))
     builders.write_metrics(run_dir / "metrics.json", metrics)
     if cfg.export:
         embeddings, labels = embed(module.encoder, datamodule.test_dataloader())
         export_embeddings(embeddings, labels, run_dir / "export")
-    return metrics.get(cfg.optimized_metric)
+    # The best value when checkpoints were chosen by it (the weights that were tested).
+    return metrics.get(f"best/{cfg.optimized_metric}", metrics.get(cfg.optimized_metric))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

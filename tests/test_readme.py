@@ -1,10 +1,11 @@
-"""The README's Lightning example runs as written."""
+"""The README runs as written: its Lightning example, and the Quickstart reaches what it says."""
 
+import os
 import re
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
 
 MARKER = "This example is run by the test suite"
 
@@ -21,3 +22,26 @@ def test_readme_lightning_example_trains_and_tests():
     assert done.returncode == 0, done.stderr[-3000:]
     precision = float(done.stdout.strip().splitlines()[-1])
     assert precision > 0.8
+
+
+def _summary_values(text: str) -> dict[str, float]:
+    """``{metric: value}`` from the two summary lines ``recipes.train`` prints at its end."""
+    line = text[text.index("Tested checkpoints/"):].splitlines()[1].split()
+    return {name: float(value) for name, value in zip(line[::2], line[1::2], strict=True)}
+
+
+def test_quickstart_run_reaches_what_the_readme_says(tmp_path):
+    """`make run` is `python -m recipes.train` with the defaults: its printed test metrics are
+    the README's (within 0.01: BLAS may round differently on another CPU)."""
+    env = {**os.environ, "LIGHTNING_METRIC_DATA": str(SHARED_DATA), "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "recipes.train", f"hydra.run.dir={tmp_path}",
+         "callbacks.embedding_plot.on_test=false", "trainer.enable_progress_bar=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = _summary_values(done.stdout)
+    promised = _summary_values((REPO / "README.md").read_text())
+    assert printed.keys() == promised.keys() and len(printed) == 4
+    for name, value in promised.items():
+        assert abs(printed[name] - value) <= 0.01, (name, printed[name], value)
