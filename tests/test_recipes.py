@@ -84,6 +84,13 @@ def test_arcface_on_fashion_mnist_trains_hundreds_of_steps(tmp_path):
     assert state["loss.W"].shape == (128, 10)
 
 
+def test_mlp_takes_its_input_size_from_the_data(tmp_path):
+    run_recipe(tmp_path, "model=mlp", "data=fmnist", "data.subset=1000", "data.download=false",
+               "test=false", *QUICK)
+    state = weights(tmp_path / "checkpoints" / "last.ckpt")
+    assert state["encoder.net.0.weight"].shape == (256, 28 * 28)
+
+
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     common = ["loss=arcface", "trainer.deterministic=true", "trainer.accelerator=cpu",
               "test=false", "trainer.enable_model_summary=false"]
