@@ -9,7 +9,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 
 
@@ -65,17 +64,10 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and self._saves_in(trainer) and not self._last_is_current(trainer):
+        # The parent's own skip rule (fast_dev_run, not fitting, sanity check, or a
+        # checkpoint, and with it last.ckpt, already written at this step).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    @staticmethod
-    def _saves_in(trainer: pl.Trainer) -> bool:
-        return (not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING
-                and not trainer.sanity_checking)
-
-    def _last_is_current(self, trainer: pl.Trainer) -> bool:
-        """``last.ckpt`` was already written at this very step (with a top-k one)."""
-        return bool(self.last_model_path) and self._last_global_step_saved == trainer.global_step
 
 
 class EmbeddingPlot(pl.Callback):
