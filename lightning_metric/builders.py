@@ -103,7 +103,28 @@ def _one_setting(model_cfg: DictConfig, trainer_cfg: DictConfig, key: str, defau
     return in_model if in_model != default else in_trainer
 
 
+def check_trainer_length(trainer_cfg: DictConfig) -> None:
+    """A run must end: ``max_epochs=-1`` (Lightning's "forever") needs a step or time limit.
+
+    Raises:
+        ValueError: ``trainer.max_epochs`` below 1 (other than -1 with a limit), or -1 with
+            neither ``trainer.max_steps`` nor ``trainer.max_time``.
+    """
+    max_epochs = trainer_cfg.get("max_epochs")
+    if max_epochs is None or max_epochs >= 1:
+        return
+    bounded = (trainer_cfg.get("max_steps") or -1) > 0 or trainer_cfg.get("max_time")
+    if max_epochs == -1 and bounded:
+        return
+    raise ValueError(
+        f"trainer.max_epochs={max_epochs}: a run needs at least 1 epoch"
+        + (" (-1 trains forever unless trainer.max_steps or trainer.max_time is set)"
+           if max_epochs == -1 else "")
+    )
+
+
 def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    check_trainer_length(cfg.trainer)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k not in _MOVED_TO_MODULE}
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -123,6 +144,20 @@ def build_run(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetricLearningMo
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:
     """``metrics.json``: flat ``stage/name`` keys with float values."""
     path.write_text(json.dumps(dict(sorted(metrics.items())), indent=2) + "\n")
+
+
+def write_checkpoint_record(path: Path, checkpoint: ModelCheckpoint | None, run_dir: Path) -> None:
+    """``checkpoint.json``: the tested checkpoint (relative to ``run_dir`` when inside it),
+    its monitored metric and score; ``path`` null when the last weights were tested."""
+    record = {"path": None, "monitor": None, "score": None}
+    if checkpoint is not None:
+        best = Path(checkpoint.best_model_path)
+        record = {
+            "path": str(best.relative_to(run_dir) if best.is_relative_to(run_dir) else best),
+            "monitor": checkpoint.monitor,
+            "score": float(checkpoint.best_model_score),
+        }
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:

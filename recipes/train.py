@@ -2,8 +2,9 @@
 
 Every run writes into its Hydra output folder: the resolved config
 (``.hydra/``), checkpoints, the logger's files, a UMAP plot of the test
-embeddings (``plots/``), ``metrics.json`` and, with ``export=true``, the test
-embeddings and a FAISS index (``export/``).
+embeddings (``plots/``), ``metrics.json``, ``checkpoint.json`` (which checkpoint
+was tested) and, with ``export=true``, the test embeddings and a FAISS index
+(``export/``).
 Prints which checkpoint was tested (the best by ``optimized_metric``, default
 ``val/mean_average_precision_at_r``) and its main test metrics. Returns the
 best value of ``optimized_metric`` (its last value when checkpoints are not
@@ -40,6 +41,7 @@ def train(cfg: DictConfig) -> float | None:
         metrics.update(builders.scalar_metrics(trainer, "test/"))
         print(builders.test_summary(metrics, checkpoint, run_dir))
     builders.write_metrics(run_dir / "metrics.json", metrics)
+    builders.write_checkpoint_record(run_dir / "checkpoint.json", checkpoint, run_dir)
     if cfg.export:
         embeddings, labels = embed(module.encoder, datamodule.test_dataloader())
         export_embeddings(embeddings, labels, run_dir / "export")

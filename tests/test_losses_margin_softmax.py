@@ -379,3 +379,27 @@ def test_empty_batch_gives_connected_zero(name):
     loss.backward()
     assert loss.item() == 0 and emb.grad.shape == (0, 4)
     assert loss_fn.W.grad is not None
+
+
+@pytest.mark.parametrize("loss_class", [margin_softmax.ArcFaceLoss, margin_softmax.CosFaceLoss,
+                                        margin_softmax.SubCenterArcFaceLoss,
+                                        margin_softmax.SphereFaceLoss,
+                                        margin_softmax.LargeMarginSoftmaxLoss])
+@pytest.mark.parametrize("scale", [0, -16])
+def test_a_scale_that_is_not_positive_is_refused(loss_class, scale):
+    with pytest.raises(ValueError, match=f"{loss_class.__name__}: scale must be > 0, got {scale}"):
+        loss_class(num_classes=4, embedding_size=8, scale=scale)
+
+
+@pytest.mark.parametrize("loss_class", [margin_softmax.ArcFaceLoss,
+                                        margin_softmax.SubCenterArcFaceLoss])
+@pytest.mark.parametrize("margin", [-1, 180, 200])
+def test_an_arcface_margin_outside_0_to_180_degrees_is_refused(loss_class, margin):
+    with pytest.raises(ValueError, match=r"margin is in degrees and must lie in \[0, 180\)"):
+        loss_class(num_classes=4, embedding_size=8, margin=margin)
+
+
+@pytest.mark.parametrize("margin", [0, 0.5, 28.6, 179.9])
+def test_arcface_margins_from_0_to_under_180_degrees_are_accepted(margin):
+    loss = margin_softmax.ArcFaceLoss(num_classes=4, embedding_size=8, margin=margin)
+    assert loss.margin == margin

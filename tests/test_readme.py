@@ -45,3 +45,19 @@ def test_quickstart_run_reaches_what_the_readme_says(tmp_path):
     assert printed.keys() == promised.keys() and len(printed) == 4
     for name, value in promised.items():
         assert abs(printed[name] - value) <= 0.01, (name, printed[name], value)
+
+
+def test_the_readme_bad_sweep_example_prints_what_the_readme_shows(tmp_path):
+    """The Sweeps section's block: a command (``$ ...``) and the lines it prints."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```\n\$ (python -m recipes\.train -m [^\n]*)\n(.*?)```", text, re.DOTALL)
+    command, shown = block.group(1).split(), block.group(2).strip().splitlines()
+    done = subprocess.run(
+        [sys.executable, *command[1:], f"hydra.sweep.dir={tmp_path}"], cwd=REPO,
+        env={**os.environ, "LIGHTNING_METRIC_DATA": str(SHARED_DATA)}, capture_output=True,
+        text=True, timeout=300, check=False,
+    )
+    assert done.returncode != 0
+    printed = done.stderr.strip().splitlines()
+    assert printed[-len(shown):] == shown
+    assert not list(tmp_path.glob("*/checkpoints"))

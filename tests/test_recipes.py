@@ -49,6 +49,10 @@ def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
     assert last["epoch"] == 2
     best = last["callbacks"][next(k for k in last["callbacks"] if "BestAndLast" in k)]
     assert best["monitor"] == "val/mean_average_precision_at_r"
+    tested = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert tested["monitor"] == "val/mean_average_precision_at_r"
+    assert tested["path"] == str(Path(best["best_model_path"]).relative_to(tmp_path))
+    assert tested["score"] == pytest.approx(found["best/val/mean_average_precision_at_r"])
     assert list((tmp_path / "csv").rglob("metrics.csv"))
     assert_is_a_real_picture(tmp_path / "plots" / "test.png")
 

@@ -58,7 +58,7 @@ class LargeMarginSoftmaxLoss(BaseClassWeightsLoss):
         num_classes: labels lie in ``[0, num_classes)``.
         embedding_size: the embeddings' size ``D``.
         margin: the integer angle multiplier ``m`` (``m >= 1``; 1 is the plain softmax).
-        scale: multiplies every logit.
+        scale: multiplies every logit; > 0 (a ``ValueError`` otherwise, in every subclass).
         **kwargs: ``weight_regularizer``, ``weight_reg_weight``, ``weight_init_func``
             (default ``normal_``), ``reducer``, ``embedding_regularizer``, ... The distance
             must be cosine similarity (the default).
@@ -77,6 +77,8 @@ class LargeMarginSoftmaxLoss(BaseClassWeightsLoss):
         super().__init__(num_classes, embedding_size, **kwargs)
         _require_cosine(self.distance, type(self).__name__)
         self.margin = self.check_margin(margin)
+        if not scale > 0:
+            raise ValueError(f"{type(self).__name__}: scale must be > 0, got {scale!r}")
         self.scale = scale
         self.W = self.new_weight(embedding_size, num_classes)
 
@@ -211,6 +213,9 @@ class ArcFaceLoss(_CosineMarginLoss):
         scale: multiplies every cosine, 64.
         **kwargs: see :class:`LargeMarginSoftmaxLoss`.
 
+    Raises:
+        ValueError: ``margin`` outside ``[0, 180)`` degrees, or ``scale <= 0``.
+
     Shapes: embeddings ``(B, D)``, labels ``(B,)``; learnable ``W`` ``(D, num_classes)``.
 
     Example::
@@ -228,6 +233,15 @@ class ArcFaceLoss(_CosineMarginLoss):
         **kwargs,
     ):
         super().__init__(num_classes, embedding_size, margin=margin, scale=scale, **kwargs)
+
+    def check_margin(self, margin: float) -> float:
+        """Degrees in ``[0, 180)``: from 180 on, ``theta + margin`` is past 180 for any angle."""
+        if not 0 <= margin < 180:
+            raise ValueError(
+                f"{type(self).__name__}: margin is in degrees and must lie in [0, 180) "
+                f"(28.6 = 0.5 rad), got {margin!r}"
+            )
+        return margin
 
     def margin_cosine(self, cos: Tensor) -> Tensor:
         return _arc_margin_cosine(cos, math.radians(self.margin))
