@@ -1,6 +1,16 @@
 """lightning-metric: PyTorch Lightning training recipes for deep metric learning."""
 
-from . import callbacks, distances, evaluation, losses, metrics, miners, regularizers, samplers
+from . import (
+    callbacks,
+    distances,
+    distributed,
+    evaluation,
+    losses,
+    metrics,
+    miners,
+    regularizers,
+    samplers,
+)
 from .evaluation import retrieval_metrics
 from .metrics import RetrievalMetric
 from .module import MetricLearningModule
@@ -12,6 +22,7 @@ __all__ = [
     "RetrievalMetric",
     "callbacks",
     "distances",
+    "distributed",
     "evaluation",
     "losses",
     "metrics",

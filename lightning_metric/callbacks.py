@@ -75,7 +75,9 @@ class EmbeddingPlot(pl.Callback):
 
     The picture is also logged to W&B and TensorBoard when those loggers are active.
     Needs the module's ``validation_step`` / ``test_step`` to return
-    ``{"embeddings", "labels"}`` (``MetricLearningModule`` does).
+    ``{"embeddings", "labels"}`` (``MetricLearningModule`` does, with ``"indices"``).
+    Under DDP the embeddings of every process are gathered (in dataset order when the
+    step returns ``"indices"``) and the picture is drawn and written once, by rank 0.
 
     Args:
         every_n_epochs: plot validation embeddings every n epochs (0: never).
@@ -89,6 +91,8 @@ class EmbeddingPlot(pl.Callback):
         self, every_n_epochs: int = 0, on_test: bool = True, max_points: int = 5000,
         dirpath: str | None = None, seed: int = 0,
     ):
+        from .metrics import EmbeddingCollector
+
         if every_n_epochs < 0 or max_points < 4:
             raise ValueError(
                 f"every_n_epochs must be >= 0 and max_points >= 4, got {every_n_epochs} and "
@@ -96,12 +100,16 @@ class EmbeddingPlot(pl.Callback):
             )
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
         self.max_points, self.dirpath, self.seed = max_points, dirpath, seed
-        self._batches: list[tuple] = []
+        self.collector = EmbeddingCollector()
         self.written: list[Path] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.collector = self.collector.to(pl_module.device)
 
     def _collect(self, outputs) -> None:
         if isinstance(outputs, dict) and "embeddings" in outputs:
-            self._batches.append((outputs["embeddings"].detach().cpu(), outputs["labels"].cpu()))
+            self.collector.update(outputs["embeddings"], outputs["labels"],
+                                  outputs.get("indices"))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0) -> None:
@@ -120,25 +128,27 @@ class EmbeddingPlot(pl.Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._plots_validation(trainer):
             self._plot(trainer, f"val_epoch_{trainer.current_epoch:03d}")
-        self._batches.clear()
+        self.collector.reset()
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if self.on_test:
             self._plot(trainer, "test")
-        self._batches.clear()
+        self.collector.reset()
 
     def _plot(self, trainer: pl.Trainer, name: str) -> None:
-        if not self._batches or not trainer.is_global_zero:
+        if not self.collector.update_called:
+            return
+        embeddings, labels = self.collector.compute()   # every rank: a collective under DDP
+        if not trainer.is_global_zero:
             return
         from .plots import plot_embeddings
 
-        embeddings = torch.cat([e for e, _ in self._batches])
-        labels = torch.cat([lab for _, lab in self._batches])
         datamodule = getattr(trainer, "datamodule", None)
         class_names = getattr(datamodule, "class_names", None) or None
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "plots")
-        path = plot_embeddings(embeddings, labels, folder / f"{name}.png", class_names,
-                               self.max_points, self.seed, title=f"{name} embeddings (UMAP)")
+        path = plot_embeddings(embeddings.cpu(), labels.cpu(), folder / f"{name}.png",
+                               class_names, self.max_points, self.seed,
+                               title=f"{name} embeddings (UMAP)")
         self.written.append(path)
         _log_image(trainer, f"embeddings/{name}", path)
 
@@ -164,10 +174,13 @@ class RetrievalMetrics(pl.Callback):
     :func:`~lightning_metric.evaluation.retrieval_metrics` gives ``precision_at_1``,
     ``r_precision``, ``mean_average_precision_at_r``, ``recall_at_k``, ``NMI``, ... logged
     through Lightning, so ``ModelCheckpoint``, ``EarlyStopping`` and sweeps can monitor
-    them. Under DDP the embeddings of all ranks are gathered first
-    (:class:`~lightning_metric.metrics.RetrievalMetric` does it), so the metrics are global.
+    them. Under DDP the embeddings of all ranks are gathered first, the copies that
+    padding the shards repeated are dropped and the dataset order is restored
+    (:class:`~lightning_metric.metrics.RetrievalMetric` does it, from the ``"indices"``
+    the step returns), so the metrics are those of a single process, on every rank.
     Needs the module's ``validation_step`` / ``test_step`` to return
-    ``{"embeddings", "labels"}`` (``MetricLearningModule`` does).
+    ``{"embeddings", "labels"}`` and, for exact DDP metrics, ``"indices"`` (dataset
+    indices of the items; ``MetricLearningModule`` returns them when batches carry them).
 
     Args:
         distance, k, index, include: passed to ``retrieval_metrics``.
@@ -184,7 +197,7 @@ class RetrievalMetrics(pl.Callback):
 
     def _update(self, outputs) -> None:
         if isinstance(outputs, dict) and "embeddings" in outputs:
-            self.metric.update(outputs["embeddings"], outputs["labels"])
+            self.metric.update(outputs["embeddings"], outputs["labels"], outputs.get("indices"))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx=0) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -26,16 +27,36 @@ METRICS = ("cosine", "euclidean")
 
 @torch.no_grad()
 def embed(encoder: nn.Module, loader: DataLoader) -> tuple[Tensor, Tensor]:
-    """Embeddings ``(N, D)`` and labels ``(N,)`` of every ``(x, label)`` batch of ``loader``."""
+    """Embeddings ``(N, D)`` and labels ``(N,)`` of every ``(x, label[, index])`` batch of
+    ``loader``, in one process (see :func:`predict_embeddings` for a Trainer's devices)."""
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     embeddings, labels = [], []
-    for inputs, batch_labels in loader:
+    for inputs, batch_labels, *_ in loader:
         embeddings.append(encoder(inputs.to(device)).float().cpu())
         labels.append(batch_labels.cpu())
     encoder.train(was_training)
     return torch.cat(embeddings), torch.cat(labels)
+
+
+def predict_embeddings(trainer: pl.Trainer, module: pl.LightningModule,
+                       datamodule: pl.LightningDataModule) -> tuple[Tensor, Tensor]:
+    """Embeddings ``(N, D)`` and labels ``(N,)`` of the datamodule's predict set, through
+    ``trainer.predict``: under DDP each rank embeds its shard, and every rank gets all of
+    them back in dataset order (padding's copies dropped), as one process would.
+
+    The module's ``predict_step`` returns ``{"embeddings", "labels"[, "indices"]}``
+    (``MetricLearningModule``'s does).
+    """
+    from .metrics import EmbeddingCollector
+
+    outputs = trainer.predict(module, datamodule=datamodule, return_predictions=True)
+    collector = EmbeddingCollector().to(module.device)
+    for batch in outputs:
+        collector.update(batch["embeddings"], batch["labels"], batch.get("indices"))
+    embeddings, labels = collector.compute()
+    return embeddings.cpu(), labels.cpu()
 
 
 def export_embeddings(

@@ -37,6 +37,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from .losses.base import BaseMetricLoss
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 CLIP_ALGORITHMS = ("norm", "value")
@@ -54,7 +56,10 @@ class MetricLearningModule(pl.LightningModule):
         encoder: maps a batch of inputs to embeddings ``(B, embedding_size)``.
         loss: ``loss(embeddings, labels, indices_tuple=None) -> scalar``; its own parameters,
             if any, are stepped by ``loss_optimizer``.
-        miner: optional ``miner(embeddings, labels) -> indices_tuple`` for the loss.
+        miner: optional ``miner(embeddings, labels) -> indices_tuple`` for the loss. One of
+            our labelled losses takes it as its own ``miner`` (so that under DDP it mines
+            this rank's items against every rank's batch); for other losses it is called
+            first and its tuples are passed on. A loss that has a miner already raises.
         optimizer: ``params -> Optimizer`` for the encoder (a Hydra ``_partial_``);
             default Adam(lr=1e-3).
         loss_optimizer: the same for the loss's parameters; default: the encoder
@@ -94,7 +99,7 @@ class MetricLearningModule(pl.LightningModule):
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         self.automatic_optimization = False
-        self.encoder, self.loss, self.miner = encoder, loss, miner
+        self.encoder, self.loss, self.miner = encoder, loss, _hand_to_loss(miner, loss)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.loss_optimizer_factory = loss_optimizer
         self.scheduler_factories = (scheduler, loss_scheduler)
@@ -190,20 +195,33 @@ class MetricLearningModule(pl.LightningModule):
             )
 
     # -- evaluation ----------------------------------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def validation_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch)
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def test_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(batch)
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-        """Embeds the batch; callbacks (plots, metrics) receive the returned embeddings."""
-        inputs, labels = batch
-        embeddings = self(inputs).float()
-        if self._loss_knows(labels):
+    def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> dict[str, Tensor]:
+        """``{"embeddings", "labels"[, "indices"]}`` of a batch, without the loss."""
+        return self._embedded(batch)
+
+    def _embedded(self, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """A ``(x, label)`` or ``(x, label, dataset index)`` batch, embedded."""
+        inputs, labels, *rest = batch
+        outputs = {"embeddings": self(inputs).float(), "labels": labels}
+        if rest:
+            outputs["indices"] = rest[0]
+        return outputs
+
+    def _eval_step(self, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Embeds the batch; callbacks (plots, metrics) receive the returned embeddings
+        (with the items' dataset indices, when the batch carries them: exact under DDP)."""
+        outputs = self._embedded(batch)
+        if self._loss_knows(outputs["labels"]):
             with buffers_restored(self.loss):
-                self._eval_losses.append(self.loss(embeddings, labels).detach().float())
-        return {"embeddings": embeddings, "labels": labels}
+                loss = self.loss(outputs["embeddings"], outputs["labels"])
+                self._eval_losses.append(loss.detach().float())
+        return outputs
 
     def _loss_knows(self, labels: Tensor) -> bool:
         """False where the labels are not the loss's classes (class-disjoint evaluation)."""
@@ -221,6 +239,18 @@ class MetricLearningModule(pl.LightningModule):
             value = torch.stack(self._eval_losses).mean()
             self.log(f"{stage}/loss", value, prog_bar=stage == "val", sync_dist=True)
         self._eval_losses.clear()
+
+
+def _hand_to_loss(miner: nn.Module | None, loss: nn.Module) -> nn.Module | None:
+    """The miner the module calls itself: None when the loss takes it as its own."""
+    if miner is None or not isinstance(loss, BaseMetricLoss):
+        return miner
+    if loss.miner is not None:
+        raise ValueError(
+            f"the module and its {type(loss).__name__} both have a miner: give it to one of them"
+        )
+    loss.miner = miner
+    return None
 
 
 def _no_closure() -> None:

@@ -10,9 +10,19 @@ uninterrupted run draws: Lightning calls ``set_epoch`` on
 ``dataloader.batch_sampler.sampler`` at the start of every training epoch (never
 on the batch sampler itself), and that is where these samplers keep their
 epoch (an :class:`EpochCounter`). In a plain loop call ``sampler.set_epoch(epoch)``
-yourself. Under DDP every rank draws the same global sequence of batches and
-takes every ``num_replicas``-th one from offset ``rank``, so ranks never see the
-same batch.
+yourself.
+
+Under DDP ``batch_size`` is the **global** batch, the one an in-batch loss
+gathering across ranks sees: every rank draws the same sequence of global
+batches, and at each step rank ``r`` of ``W`` takes its part of that step's
+batch (class groups ``r, r + W, ...`` of a class-balanced batch, items
+``r, r + W, ...`` of a random one). So each rank's batch is class-balanced, the
+ranks' batches of one step are disjoint and together are the global batch, and
+every rank has the same number of batches per epoch: exactly the batches of a
+single process, whatever the number of devices. ``num_replicas`` and ``rank``
+default to those of the initialised ``torch.distributed`` process group (1 and
+0 without one), so a batch sampler handed to any ``DataLoader`` under DDP shards
+itself.
 
 Example::
 
@@ -25,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Sampler
 
@@ -54,13 +65,32 @@ class EpochCounter:
 
 
 class _DistributedBatches(Sampler[list[int]]):
-    """Shared epoch / rank bookkeeping: subclasses draw the global batches of an epoch."""
+    """Shared epoch / rank bookkeeping: subclasses draw the global batches of an epoch and
+    say how many items form an indivisible group (``group_size``) when a batch is shared
+    among ranks."""
 
-    def __init__(self, seed: int, num_replicas: int, rank: int):
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
+    group_size = 1
+
+    def __init__(self, seed: int, num_replicas: int | None, rank: int | None):
+        if (num_replicas is None) != (rank is None):
+            raise ValueError("pass both num_replicas and rank, or neither (torch.distributed's)")
+        if num_replicas is not None and (num_replicas < 1 or not 0 <= rank < num_replicas):
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}")
-        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.seed, self._num_replicas, self._rank = seed, num_replicas, rank
         self.sampler = EpochCounter()
+
+    @property
+    def num_replicas(self) -> int:
+        """The ranks sharing each batch: as given, else the process group's size (else 1)."""
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if _distributed() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if _distributed() else 0
 
     @property
     def epoch(self) -> int:
@@ -76,14 +106,31 @@ class _DistributedBatches(Sampler[list[int]]):
     def num_global_batches(self) -> int:
         raise NotImplementedError
 
+    def check_shareable(self, num_replicas: int) -> None:
+        """Raise if a global batch cannot give every one of ``num_replicas`` ranks a group."""
+
     def __len__(self) -> int:
-        return self.num_global_batches() // self.num_replicas
+        return self.num_global_batches()
 
     def __iter__(self) -> Iterator[list[int]]:
         # A generator: the epoch is read at the first batch, not when iter() is called.
         # Lightning creates the iterator before it sets the epoch when a run resumes.
-        batches = self.global_batches(epoch_generator(self.seed, self.epoch))
-        yield from batches[self.rank :: self.num_replicas][: len(self)]
+        replicas, rank = self.num_replicas, self.rank
+        self.check_shareable(replicas)
+        for batch in self.global_batches(epoch_generator(self.seed, self.epoch)):
+            yield _part_of(batch, self.group_size, replicas, rank)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _part_of(batch: list[int], group_size: int, replicas: int, rank: int) -> list[int]:
+    """Rank ``rank``'s share of a global batch: its groups ``rank, rank + replicas, ...``."""
+    if replicas == 1:
+        return batch
+    groups = [batch[i:i + group_size] for i in range(0, len(batch), group_size)]
+    return [item for group in groups[rank::replicas] for item in group]
 
 
 class ClassBalancedBatchSampler(_DistributedBatches):
@@ -95,13 +142,23 @@ class ClassBalancedBatchSampler(_DistributedBatches):
     every group once while enough classes remain to fill a batch, so every item
     is seen once per epoch where the class sizes allow.
 
+    Under DDP ``batch_size`` is the global batch: each of the ``W`` ranks gets
+    ``classes_per_batch / W`` of its classes (rank ``r`` the classes ``r, r + W, ...``
+    of the batch), all ``m_per_class`` items of each.
+
     Args:
         labels: ``(N,)`` class label of every dataset item.
-        batch_size: items per batch; a multiple of ``m_per_class``.
+        batch_size: items per (global) batch; a multiple of ``m_per_class``.
         m_per_class: items of each class in a batch (at least 2 for positives).
-        length: batches per epoch (over all ranks); default: the number of groups
-            divided by the classes per batch.
-        seed, num_replicas, rank: reproducibility and DDP sharding.
+        length: batches per epoch; default: the number of groups divided by the classes
+            per batch.
+        seed: with the epoch, seeds the draw.
+        num_replicas, rank: the ranks sharing each batch and this one's place; default:
+            the initialised ``torch.distributed`` group's (1 and 0 without one).
+
+    Raises:
+        ValueError: ``batch_size`` not a multiple of ``m_per_class``, more classes per batch
+            than the data has, or (when iterating) fewer classes per batch than ranks.
     """
 
     def __init__(
@@ -111,8 +168,8 @@ class ClassBalancedBatchSampler(_DistributedBatches):
         m_per_class: int,
         length: int | None = None,
         seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ):
         super().__init__(seed, num_replicas, rank)
         labels = torch.as_tensor(labels)
@@ -123,6 +180,7 @@ class ClassBalancedBatchSampler(_DistributedBatches):
             )
         self.batch_size, self.m_per_class = batch_size, m_per_class
         self.classes_per_batch = batch_size // m_per_class
+        self.group_size = m_per_class
         self.items_by_class = [torch.where(labels == c)[0] for c in torch.unique(labels)]
         if len(self.items_by_class) < self.classes_per_batch:
             raise ValueError(
@@ -133,6 +191,14 @@ class ClassBalancedBatchSampler(_DistributedBatches):
         if length is not None and length < 1:
             raise ValueError(f"length must be a positive number of batches, got {length}")
         self.length = length
+
+    def check_shareable(self, num_replicas: int) -> None:
+        if self.classes_per_batch < num_replicas:
+            raise ValueError(
+                f"batch_size / m_per_class = {self.classes_per_batch} classes per batch cannot "
+                f"be shared by {num_replicas} devices (batch_size is the global batch): raise "
+                "batch_size or lower m_per_class"
+            )
 
     def _groups_per_class(self) -> list[int]:
         return [-(-len(items) // self.m_per_class) for items in self.items_by_class]
@@ -168,11 +234,20 @@ class ClassBalancedBatchSampler(_DistributedBatches):
 class RandomBatchSampler(_DistributedBatches):
     """Batches of ``batch_size`` items drawn without replacement from a fresh permutation.
 
+    Under DDP ``batch_size`` is the global batch: rank ``r`` of ``W`` gets its items
+    ``r, r + W, ...``. A last batch too small to give every rank an item is joined to
+    the one before it (nothing is dropped unless ``drop_last``).
+
     Args:
         num_items: dataset size.
-        batch_size: items per batch.
+        batch_size: items per (global) batch.
         drop_last: drop the last incomplete batch.
-        seed, num_replicas, rank: reproducibility and DDP sharding.
+        seed: with the epoch, seeds the permutation.
+        num_replicas, rank: the ranks sharing each batch and this one's place; default:
+            the initialised ``torch.distributed`` group's (1 and 0 without one).
+
+    Raises:
+        ValueError: a non-positive size, or (when iterating) fewer items per batch than ranks.
     """
 
     def __init__(
@@ -181,8 +256,8 @@ class RandomBatchSampler(_DistributedBatches):
         batch_size: int,
         drop_last: bool = False,
         seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ):
         super().__init__(seed, num_replicas, rank)
         if batch_size < 1 or num_items < 1:
@@ -191,11 +266,24 @@ class RandomBatchSampler(_DistributedBatches):
             )
         self.num_items, self.batch_size, self.drop_last = num_items, batch_size, drop_last
 
+    def check_shareable(self, num_replicas: int) -> None:
+        if min(self.batch_size, self.num_items) < num_replicas:
+            raise ValueError(
+                f"batches of {min(self.batch_size, self.num_items)} items cannot be shared by "
+                f"{num_replicas} devices (batch_size is the global batch)"
+            )
+
     def num_global_batches(self) -> int:
-        if self.drop_last:
-            return max(self.num_items // self.batch_size, 1)
-        return -(-self.num_items // self.batch_size)
+        full, rest = divmod(self.num_items, self.batch_size)
+        if self.drop_last or (rest and full and rest < self.num_replicas):
+            return max(full, 1)   # dropped, or joined to the batch before it
+        return full + bool(rest)
 
     def global_batches(self, generator: torch.Generator) -> list[list[int]]:
         order = torch.randperm(self.num_items, generator=generator)
-        return [chunk.tolist() for chunk in order.split(self.batch_size)]
+        batches = [chunk.tolist() for chunk in order.split(self.batch_size)]
+        if len(batches) > self.num_global_batches():
+            last = batches.pop()
+            if not self.drop_last:
+                batches[-1] += last
+        return batches

@@ -23,7 +23,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule, module, trainer = builders.build_run(cfg)
     trainer.test(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = builders.scalar_metrics(trainer, "test/")
-    builders.write_metrics(Path(HydraConfig.get().runtime.output_dir) / "metrics.json", metrics)
+    if trainer.is_global_zero:  # under DDP too, one process writes
+        builders.write_metrics(Path(HydraConfig.get().runtime.output_dir) / "metrics.json",
+                               metrics)
     return metrics
 
 

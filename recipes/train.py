@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lightning_metric import builders
-from lightning_metric.export import embed, export_embeddings
+from lightning_metric.export import export_embeddings, predict_embeddings
 
 builders.register_resolvers()
 
@@ -39,12 +39,15 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.test:
         trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint else None)
         metrics.update(builders.scalar_metrics(trainer, "test/"))
-        print(builders.test_summary(metrics, checkpoint, run_dir))
-    builders.write_metrics(run_dir / "metrics.json", metrics)
-    builders.write_checkpoint_record(run_dir / "checkpoint.json", checkpoint, run_dir)
-    if cfg.export:
-        embeddings, labels = embed(module.encoder, datamodule.test_dataloader())
-        export_embeddings(embeddings, labels, run_dir / "export")
+    if cfg.export:  # every rank embeds its shard; all get the whole set back
+        embeddings, labels = predict_embeddings(trainer, module, datamodule)
+    if trainer.is_global_zero:  # one process writes, under DDP too
+        if cfg.test:
+            print(builders.test_summary(metrics, checkpoint, run_dir))
+        builders.write_metrics(run_dir / "metrics.json", metrics)
+        builders.write_checkpoint_record(run_dir / "checkpoint.json", checkpoint, run_dir)
+        if cfg.export:
+            export_embeddings(embeddings, labels, run_dir / "export")
     # The best value when checkpoints were chosen by it (the weights that were tested).
     return metrics.get(f"best/{cfg.optimized_metric}", metrics.get(cfg.optimized_metric))
 

@@ -110,3 +110,17 @@ def test_schedulers_step_both_optimizers_every_epoch():
     trainer.fit(module, datamodule=data)
     model_lr, loss_lr = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
     assert model_lr == pytest.approx(0.25) and loss_lr == pytest.approx(0.01)
+
+
+def test_a_module_miner_becomes_the_labelled_losss_own_so_it_sees_the_gathered_batch():
+    from lightning_metric.losses import TripletMarginLoss
+    from lightning_metric.miners import TripletMarginMiner
+
+    miner = TripletMarginMiner(margin=0.1)
+    module = MetricLearningModule(MLP(4, 8), TripletMarginLoss(), miner=miner)
+    assert module.miner is None and module.loss.miner is miner
+    embeddings, labels = torch.randn(12, 8), torch.arange(12) % 3
+    expected = TripletMarginLoss()(embeddings, labels, miner(embeddings, labels))
+    assert torch.allclose(module.loss(embeddings, labels), expected)
+    with pytest.raises(ValueError, match="both have a miner: give it to one of them"):
+        MetricLearningModule(MLP(4, 8), TripletMarginLoss(miner=miner), miner=miner)

@@ -3,5 +3,7 @@
 from .base import PROTOCOLS, LabelledDataModule
 from .digits import DigitsDataModule
 from .fmnist import FashionMNISTDataModule
+from .indexed import IndexedDataset
 
-__all__ = ["PROTOCOLS", "DigitsDataModule", "FashionMNISTDataModule", "LabelledDataModule"]
+__all__ = ["PROTOCOLS", "DigitsDataModule", "FashionMNISTDataModule", "IndexedDataset",
+           "LabelledDataModule"]

@@ -17,9 +17,10 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from ..samplers import ClassBalancedBatchSampler, RandomBatchSampler
+from .indexed import IndexedDataset
 
 PROTOCOLS = ("standard", "class_disjoint")
 SAMPLERS = ("class", "random")
@@ -29,7 +30,8 @@ class LabelledDataModule(pl.LightningDataModule):
     """Items with integer class labels, in ``(x, label)`` batches.
 
     Args:
-        batch_size: items per training batch.
+        batch_size: items per training batch; under DDP the global batch, shared by the
+            devices (see :mod:`lightning_metric.samplers`).
         sampler: ``class`` (P classes x ``m_per_class`` items) or ``random``; resolve
             ``auto`` with :func:`lightning_metric.losses.registry.resolve_sampler` first.
         m_per_class: items per class in a class-balanced batch.
@@ -155,12 +157,26 @@ class LabelledDataModule(pl.LightningDataModule):
                           num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.eval_batch_size,
-                          num_workers=self.num_workers)
+        return self._eval_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.eval_batch_size,
-                          num_workers=self.num_workers)
+        return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test items (what ``recipes.train export=true`` embeds)."""
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, dataset) -> DataLoader:
+        """``(x, label, dataset index)`` batches in dataset order; under DDP each rank gets
+        its shard (``DistributedSampler`` without shuffling, padded to equal size), and the
+        metrics drop the padding's copies by index."""
+        trainer = getattr(self, "trainer", None)
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size,
+                                         rank=trainer.global_rank, shuffle=False)
+        return DataLoader(IndexedDataset(dataset), batch_size=self.eval_batch_size,
+                          sampler=sampler, num_workers=self.num_workers)
 
 
 def _stratified_order(labels: Tensor, generator: torch.Generator) -> Tensor:

@@ -68,6 +68,7 @@ class _Layout:
     smooth_loss: bool
     reducer: str
     num_triplets: int
+    num_active: Tensor | None = None  # triplets with a loss above 0, set by the forward pass
 
     def chunks(self, itemsize: int):
         per_anchor = max(1, self.pos_cols.shape[1] * self.neg_valid.shape[1] * itemsize)
@@ -90,8 +91,8 @@ def triplet_margin_all(
     smooth_loss: bool,
     reducer: str,
     swap_mat: Tensor | None = None,
-) -> Tensor | None:
-    """The reduced triplet margin loss over every triplet allowed by the masks.
+) -> tuple[Tensor, Tensor | None] | None:
+    """The triplet margin loss over every triplet allowed by the masks, as ``(total, count)``.
 
     Args:
         mat: ``(N, M)`` anchor-to-reference distances (or similarities).
@@ -105,7 +106,9 @@ def triplet_margin_all(
             positive-negative distance instead of the anchor-negative one where it is closer.
 
     Returns:
-        A scalar, or None when there is no triplet.
+        The sum of the triplets' losses (differentiable) and what the reducer divides it by
+        (the triplets, or those with a loss above 0; None for ``"sum"``): the loss is
+        ``total / max(count, 1)``. None when there is no triplet.
     """
     anchors = torch.where(pos_mask.any(dim=1) & neg_mask.any(dim=1))[0]
     if len(anchors) == 0:
@@ -124,7 +127,12 @@ def triplet_margin_all(
     )
     d_ap = mat.gather(1, pos_cols).masked_fill(~pos_valid, -layout.farthest)
     d_an = mat.masked_fill(~neg_mask, layout.farthest)
-    return _AllTripletsLoss.apply(d_ap, d_an, swap_mat, layout)
+    total = _AllTripletsLoss.apply(d_ap, d_an, swap_mat, layout)
+    if reducer == "avg_non_zero":
+        return total, layout.num_active
+    if reducer == "mean":
+        return total, total.new_tensor(float(layout.num_triplets))
+    return total, None
 
 
 def _violations(
@@ -150,7 +158,8 @@ def _violations(
 
 
 class _AllTripletsLoss(torch.autograd.Function):
-    """Scalar loss from ``d_ap`` ``(A, P)``, ``d_an`` ``(A, M)`` and an optional swap matrix."""
+    """Sum of the triplets' losses from ``d_ap`` ``(A, P)``, ``d_an`` ``(A, M)`` and an
+    optional swap matrix; counts the non-zero ones into ``layout.num_active``."""
 
     @staticmethod
     def forward(ctx, d_ap, d_an, swap_mat, layout):
@@ -162,16 +171,10 @@ class _AllTripletsLoss(torch.autograd.Function):
             # Losses are >= 0, so their signs count the non-zero ones (much faster than
             # count_nonzero on the CPU).
             num_active += torch.sign(losses).sum()
-        if layout.reducer == "avg_non_zero":
-            divisor = num_active.clamp(min=1)
-        elif layout.reducer == "mean":
-            divisor = total.new_tensor(float(layout.num_triplets))
-        else:
-            divisor = total.new_ones(())
+        layout.num_active = num_active
         ctx.save_for_backward(d_ap, d_an, swap_mat)
         ctx.layout = layout
-        ctx.divisor = divisor
-        return total / divisor
+        return total
 
     @staticmethod
     @once_differentiable
@@ -180,7 +183,7 @@ class _AllTripletsLoss(torch.autograd.Function):
         layout = ctx.layout
         # margin(x, y) is x - y for a distance, y - x for a similarity.
         sign = layout.distance.margin(1.0, 0.0)
-        scale = grad_output / ctx.divisor
+        scale = grad_output
         grad_ap, grad_an = torch.empty_like(d_ap), torch.empty_like(d_an)
         grad_swap = None if swap_mat is None else torch.zeros_like(swap_mat)
         for rows in layout.chunks(d_ap.element_size()):

@@ -53,6 +53,8 @@ class BaseClassWeightsLoss(BaseMetricLoss):
     :meth:`class_loss` and :meth:`weight_rows`.
     """
 
+    gather_mode = None  # compares embeddings with class weights, not with each other
+
     anchors_only = False
     """Whether a miner's weights count only its anchors (PML's ``using_ref``, for ProxyNCA)."""
 

@@ -19,10 +19,41 @@ REDUCERS = ("mean", "avg_non_zero", "sum")
 
 @dataclass
 class SubLoss:
-    """Losses to reduce: ``values`` of shape ``(n,)``, or a 0-d tensor when ``reduced``."""
+    """Losses to reduce: ``values`` of shape ``(n,)``, or a 0-d tensor when ``reduced``.
+
+    A term made with :meth:`ratio` is reduced too, but kept as ``total / count``: a sum over
+    elements (pairs, triplets, anchors) and how many elements the reducer divides by, so
+    that a loss split over ranks can add up the totals and the counts (see
+    :meth:`BaseMetricLoss.forward`).
+    """
 
     values: Tensor
     reduced: bool = False
+    count: Tensor | None = None
+    split: bool = False
+
+    @classmethod
+    def ratio(cls, total: Tensor, count: Tensor | None) -> SubLoss:
+        """The term ``total / max(count, 1)``; ``count`` None: ``total`` itself (reducer "sum")."""
+        return cls(total, reduced=True, count=count, split=True)
+
+    def total_and_count(self, reducer: str) -> tuple[Tensor, Tensor | None]:
+        """The term as ``(sum over its elements, count to divide by)`` (count None: a sum).
+
+        Only for per-element terms and :meth:`ratio` terms, whose sums over ranks are the
+        sums of the whole batch.
+        """
+        if self.split:
+            return self.values, self.count
+        if self.reduced:
+            raise ValueError("a reduced term cannot be split into a total and a count")
+        values = self.values
+        if reducer == "sum":
+            return values.sum(), None
+        if reducer == "avg_non_zero":
+            active = values > 0
+            return (values * active).sum(), active.sum()
+        return values.sum(), values.new_tensor(float(values.numel()))
 
 
 def check_reducer(reducer: str) -> str:
@@ -59,7 +90,12 @@ def reduce_all(terms: dict[str, SubLoss], reducer: str, zero: Zero) -> Tensor:
     """The sum over terms of each term reduced with ``reducer`` (``zero`` when there are none)."""
     total = None
     for term in terms.values():
-        value = term.values if term.reduced else reduce(term.values, reducer, zero)
+        if term.split:
+            value = term.values if term.count is None else term.values / term.count.clamp(min=1)
+        elif term.reduced:
+            value = term.values
+        else:
+            value = reduce(term.values, reducer, zero)
         total = value if total is None else total + value
     return _zero(zero) if total is None else total
 

@@ -8,6 +8,10 @@ One formula serves NT-Xent, SupCon, N-pairs (and CLIP, MNRL): for an anchor
 where the candidates ``C(i)`` are either the anchor's negatives plus the
 positive itself (NT-Xent, MNRL) or a fixed set that already holds the
 positive (SupCon, N-pairs, CLIP: a plain cross-entropy over a row).
+
+Under DDP, NT-Xent and SupCon gather every rank's batch (``gather_distributed``, see
+:class:`~lightning_metric.losses.BaseMetricLoss`): each rank's items are anchors against the
+candidates of all ranks, and the value and encoder gradients are those of the whole batch.
 :func:`info_nce` computes it from a logits matrix with a per-row
 ``logsumexp``, never a ``(num_pos_pairs, num_neg_pairs)`` matrix.
 """
@@ -22,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ..distances import BaseDistance, CosineSimilarity, to_compute_dtype
 from ..indices import label_masks, pair_masks, to_pairs
 from ._reduction import SubLoss
-from .base import BaseMetricLoss
+from .base import BaseMetricLoss, LocalAnchors, exclude_self, self_index_of
 
 
 def similarity_logits(
@@ -160,21 +164,33 @@ class NTXentLoss(BaseMetricLoss):
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set):
+    gather_mode = "local"
+
+    def compute_loss(
+        self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
+        local: LocalAnchors | None = None,
+    ):
         shape = (len(embeddings), len(ref_emb))
         if indices_tuple is None:
             positive, negatives = label_masks(labels, ref_labels, same_set)
+            exclude_self(positive, None, self_index_of(local))
             rows, cols = torch.where(positive)
             num_negatives = int(negatives.sum())
         else:
             rows, cols, a2, n = to_pairs(indices_tuple, labels, ref_labels, same_set)
             negatives = pair_counts(a2, n, shape, embeddings.dtype)
             num_negatives = len(a2)
-        if min(len(rows), num_negatives) == 0 or too_few_pairs(len(rows), num_negatives):
+        if local is not None:
+            if len(rows) == 0:
+                return {}
+        elif self.too_few_pairs(len(rows), num_negatives):
             return {}
         ref = None if same_set else ref_emb
         logits = similarity_logits(self.distance, embeddings, ref, 1 / self.temperature)
         return {"loss": SubLoss(info_nce(logits, rows, cols, negatives, add_positive=True))}
+
+    def too_few_pairs(self, num_positive: int, num_negative: int) -> bool:
+        return min(num_positive, num_negative) == 0 or too_few_pairs(num_positive, num_negative)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -211,6 +227,7 @@ class SupConLoss(BaseMetricLoss):
     """
 
     default_reducer = "avg_non_zero"
+    gather_mode = "local"
 
     def __init__(self, temperature: float = 0.1, **kwargs):
         super().__init__(**kwargs)
@@ -219,10 +236,14 @@ class SupConLoss(BaseMetricLoss):
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set):
+    def compute_loss(
+        self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
+        local: LocalAnchors | None = None,
+    ):
         shape = (len(embeddings), len(ref_emb))
         if indices_tuple is None:
             positive, negative = label_masks(labels, ref_labels, same_set)
+            exclude_self(positive, negative, self_index_of(local))
             num_pairs = int(positive.sum()), int(negative.sum())
         else:
             pairs = to_pairs(indices_tuple, labels, ref_labels, same_set)
@@ -230,7 +251,10 @@ class SupConLoss(BaseMetricLoss):
             num_pairs = len(pairs[0]), len(pairs[2])
             if (positive & negative).any():
                 raise ValueError("a pair of indices_tuple is both positive and negative")
-        if min(num_pairs) == 0 or too_few_pairs(*num_pairs):
+        if local is not None:
+            if num_pairs[0] == 0:
+                return {}
+        elif self.too_few_pairs(*num_pairs):
             return {}
         ref = None if same_set else ref_emb
         logits = similarity_logits(self.distance, embeddings, ref, 1 / self.temperature)
@@ -239,6 +263,9 @@ class SupConLoss(BaseMetricLoss):
         per_anchor = torch.zeros(shape[0], dtype=logits.dtype, device=logits.device)
         per_anchor = per_anchor.index_add(0, rows, per_pair)
         return {"loss": SubLoss(per_anchor / positive.sum(dim=1).clamp(min=1))}
+
+    def too_few_pairs(self, num_positive: int, num_negative: int) -> bool:
+        return min(num_positive, num_negative) == 0 or too_few_pairs(num_positive, num_negative)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"

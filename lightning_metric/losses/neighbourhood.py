@@ -3,6 +3,9 @@
 :class:`NCALoss` maximises the probability that an item's stochastic nearest
 neighbour has its label; :class:`NPairsLoss` classifies, for one anchor per
 class, its positive among the positives of every other class.
+
+Under DDP (``gather_distributed``) both compute the whole gathered batch on every rank
+(``gather_mode = "global"``, see :class:`~lightning_metric.losses.BaseMetricLoss`).
 """
 
 from __future__ import annotations

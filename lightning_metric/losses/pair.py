@@ -13,6 +13,12 @@ weighted reduction or a masked row-wise ``logsumexp``; no list of pairs, nor a
 
 As in PML, a loss returns a connected zero when the pairs hold at most one positive and at most
 one negative pair.
+
+Under DDP (``gather_distributed``, see :class:`~lightning_metric.losses.BaseMetricLoss`) each
+rank's items are anchors against the items of all ranks, reduced with the pair counts of all
+ranks; :class:`LiftedStructureLoss` (a pair's negatives hang on two anchors) and
+:class:`IntraPairVarianceLoss` (the mean of all pairs) compute the whole gathered batch on
+every rank instead.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from .._checks import IndicesTuple
 from ..distances import BaseDistance, CosineSimilarity, SNRDistance
 from ..indices import pair_masks, to_pairs
 from ._reduction import SubLoss
-from .base import BaseMetricLoss
+from .base import BaseMetricLoss, LocalAnchors, self_index_of
 
 __all__ = [
     "CircleLoss",
@@ -64,23 +70,33 @@ class _PairWeights:
     listed: int
     binary: bool
 
-    def reduce(self, values: Tensor, reducer: str) -> Tensor:
-        """PML's reduction of ``values`` (finite, >= 0) over the listed pairs.
+    def split(self, values: Tensor, reducer: str) -> tuple[Tensor, Tensor | None]:
+        """PML's reduction of ``values`` (finite, >= 0) over the listed pairs, as
+        ``(total, count)``: the weighted sum and what divides it (None for ``"sum"``).
 
-        ``"mean"``, ``"sum"``, or ``"avg_non_zero"`` (mean over pairs with a loss above 0);
-        0, still connected to ``values``, when no pair counts.
+        ``"mean"``: the listed pairs; ``"avg_non_zero"``: those with a loss above 0.
         """
         weighted = values * self.weights
         total = weighted.sum()
         if reducer == "sum":
-            return total
+            return total, None
         if reducer == "mean":
             count = self.weights.sum()
         elif self.binary:
             count = weighted.detach().count_nonzero()
         else:
             count = (self.weights * values.detach().sign()).sum()
-        return total / count.clamp(min=1)
+        return total, count
+
+    def reduce(self, values: Tensor, reducer: str) -> Tensor:
+        """The reduced value: ``total / max(count, 1)`` of :meth:`split` (0, still connected to
+        ``values``, when no pair counts)."""
+        total, count = self.split(values, reducer)
+        return total if count is None else total / count.clamp(min=1)
+
+    def term(self, values: Tensor, reducer: str) -> SubLoss:
+        """:meth:`reduce` as a term that can be split over ranks."""
+        return SubLoss.ratio(*self.split(values, reducer))
 
     def mean(self, values: Tensor) -> Tensor:
         return self.reduce(values, "mean")
@@ -120,11 +136,6 @@ class _Pairs:
     pos: _PairWeights
     neg: _PairWeights
 
-    @property
-    def too_few(self) -> bool:
-        """PML's rule: at most one positive and at most one negative pair means no loss."""
-        return self.pos.listed <= 1 and self.neg.listed <= 1
-
 
 def _select_pairs(
     indices_tuple: IndicesTuple | None,
@@ -134,13 +145,15 @@ def _select_pairs(
     shape: tuple[int, int],
     like: Tensor,
     counts: bool,
+    self_index: Tensor | None = None,
 ) -> _Pairs:
     """All label-defined pairs, or the pairs of ``indices_tuple`` (triplets become pairs).
 
-    ``counts``: a pair listed twice counts twice (else once).
+    ``counts``: a pair listed twice counts twice (else once). ``self_index``: each query's
+    own column in the reference set, not a pair (for label-defined pairs).
     """
     if indices_tuple is None:
-        return _label_pairs(labels, ref_labels, same_set, like.dtype)
+        return _label_pairs(labels, ref_labels, same_set, like.dtype, self_index)
     a1, p, a2, n = to_pairs(indices_tuple, labels, ref_labels, same_set)
     if counts:
         pos, neg = _count_matrix(a1, p, shape, like), _count_matrix(a2, n, shape, like)
@@ -153,15 +166,21 @@ def _select_pairs(
     return _Pairs(_PairWeights(pos, len(a1), binary), _PairWeights(neg, len(a2), binary))
 
 
-def _label_pairs(labels: Tensor, ref_labels: Tensor, same_set: bool, dtype) -> _Pairs:
-    """Every pair: positive when the labels match (an item is not its own positive)."""
+def _label_pairs(
+    labels: Tensor, ref_labels: Tensor, same_set: bool, dtype, self_index: Tensor | None = None
+) -> _Pairs:
+    """Every pair: positive when the labels match (an item is not its own positive, nor its
+    copy at ``self_index`` in the reference set)."""
     same = labels[:, None] == ref_labels[None, :]
     n_same = int(same.count_nonzero())
-    n_pos = n_same - len(labels) if same_set else n_same
+    n_own = len(labels) if same_set else (0 if self_index is None else len(self_index))
     same = same.to(dtype)
     neg = _PairWeights(1 - same, same.numel() - n_same, binary=True)
+    n_pos = n_same - n_own
     if same_set:
         same.fill_diagonal_(0)
+    elif self_index is not None:
+        same[torch.arange(len(labels), device=same.device), self_index] = 0
     return _Pairs(_PairWeights(same, n_pos, binary=True), neg)
 
 
@@ -195,16 +214,25 @@ class _PairLoss(BaseMetricLoss):
     """
 
     counts_duplicates = True
+    gather_mode = "local"
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set):
+    def compute_loss(
+        self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set,
+        local: LocalAnchors | None = None,
+    ):
         shape = (len(embeddings), len(ref_emb))
         pairs = _select_pairs(
-            indices_tuple, labels, ref_labels, same_set, shape, embeddings, self.counts_duplicates
+            indices_tuple, labels, ref_labels, same_set, shape, embeddings,
+            self.counts_duplicates, self_index_of(local),
         )
-        if pairs.too_few:
+        if local is None and self.too_few_pairs(pairs.pos.listed, pairs.neg.listed):
             return {}
         mat = self.distance(embeddings, None if same_set else ref_emb)
         return self.pair_loss(mat, pairs)
+
+    def too_few_pairs(self, num_positive: int, num_negative: int) -> bool:
+        """PML's rule: at most one positive and at most one negative pair means no loss."""
+        return num_positive <= 1 and num_negative <= 1
 
     def pair_loss(self, mat: Tensor, pairs: _Pairs) -> dict[str, SubLoss]:
         """The loss terms from the ``(N, M)`` distance matrix and the pairs."""
@@ -259,6 +287,7 @@ class ContrastiveLoss(_PairLoss):
     """
 
     default_reducer = "avg_non_zero"
+    local_terms = ("pos_loss", "neg_loss")
 
     def __init__(
         self,
@@ -283,8 +312,8 @@ class ContrastiveLoss(_PairLoss):
         if self.power != 1:
             pos, neg = pos**self.power, neg**self.power
         return {
-            "pos_loss": _reduced(pairs.pos.reduce(pos, self.reducer)),
-            "neg_loss": _reduced(pairs.neg.reduce(neg, self.reducer)),
+            "pos_loss": pairs.pos.term(pos, self.reducer),
+            "neg_loss": pairs.neg.term(neg, self.reducer),
         }
 
 
@@ -364,6 +393,8 @@ class LiftedStructureLoss(_PairLoss):
         >>> loss = loss_fn(torch.randn(32, 128), torch.arange(8).repeat_interleave(4))
         >>> loss.backward()
     """
+
+    gather_mode = "global"  # a pair's negatives are anchored at two items
 
     def __init__(self, neg_margin: float = 1, pos_margin: float = 0, **kwargs):
         super().__init__(**kwargs)
@@ -586,16 +617,19 @@ class TupletMarginLoss(_PairLoss):
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
+    def too_few_pairs(self, num_positive: int, num_negative: int) -> bool:
+        return min(num_positive, num_negative) == 0 or super().too_few_pairs(
+            num_positive, num_negative
+        )
+
     def pair_loss(self, mat, pairs):
-        if pairs.pos.listed == 0 or pairs.neg.listed == 0:
-            return {}
         eps = torch.finfo(mat.dtype).eps
         angle = torch.acos(mat.clamp(-1 + eps, 1 - eps))
         pos_with_margin = torch.cos(angle - self.margin_radians)
         neg_lse = pairs.neg.logsumexp(self.scale * mat)
         logits = neg_lse[:, None] - self.scale * pos_with_margin
         per_pair = torch.logaddexp(logits, torch.zeros_like(logits))
-        return {"loss": _reduced(pairs.pos.reduce(per_pair, self.reducer))}
+        return {"loss": pairs.pos.term(per_pair, self.reducer)}
 
 
 class IntraPairVarianceLoss(_PairLoss):
@@ -621,6 +655,8 @@ class IntraPairVarianceLoss(_PairLoss):
         >>> loss = loss_fn(torch.randn(32, 128), torch.arange(8).repeat_interleave(4))
         >>> loss.backward()
     """
+
+    gather_mode = "global"  # every pair is compared with the mean of all pairs
 
     def __init__(self, pos_eps: float = 0.01, neg_eps: float = 0.01, **kwargs):
         super().__init__(**kwargs)

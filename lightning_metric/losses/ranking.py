@@ -2,6 +2,8 @@
 
 :class:`FastAPLoss` is one minus a differentiable average precision, computed
 from soft histograms of each anchor's distances to its positives and negatives.
+Under DDP (``gather_distributed``) it computes the whole gathered batch on every rank
+(``gather_mode = "global"``, see :class:`~lightning_metric.losses.BaseMetricLoss`).
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@
 By default all triplets of the batch are used; ``indices_tuple`` or a miner
 restricts them, and ``triplets_per_anchor=k`` samples ``k`` per anchor.
 Values and gradients match pytorch-metric-learning 2.9 configured the same way.
+
+Under DDP (``gather_distributed``, see :class:`~lightning_metric.losses.BaseMetricLoss`)
+:class:`TripletMarginLoss` uses each rank's items as anchors against the items of all ranks
+(all triplets or a miner's); with ``triplets_per_anchor=k``, and for :class:`MarginLoss`
+and :class:`AngularLoss`, every rank computes the whole gathered batch.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from ..distances import LpDistance
 from ..indices import label_masks, to_pairs, to_triplets
 from ._all_triplets import closer, triplet_margin_all
 from ._reduction import SubLoss
-from .base import BaseMetricLoss
+from .base import BaseMetricLoss, LocalAnchors, exclude_self, self_index_of
 
 
 def _check_triplets_per_anchor(triplets_per_anchor: int | str) -> int | str:
@@ -77,6 +82,7 @@ class TripletMarginLoss(BaseMetricLoss):
     """
 
     default_reducer = "avg_non_zero"
+    gather_mode = "local"
 
     def __init__(
         self,
@@ -91,6 +97,9 @@ class TripletMarginLoss(BaseMetricLoss):
         self.swap = swap
         self.smooth_loss = smooth_loss
         self.triplets_per_anchor = _check_triplets_per_anchor(triplets_per_anchor)
+        if self.triplets_per_anchor != "all":
+            # Random triplets are drawn on the whole gathered batch, on every rank.
+            self.gather_mode = "global"
 
     def compute_loss(
         self,
@@ -100,6 +109,7 @@ class TripletMarginLoss(BaseMetricLoss):
         ref_emb: Tensor,
         ref_labels: Tensor | None,
         same_set: bool,
+        local: LocalAnchors | None = None,
     ) -> dict[str, SubLoss]:
         mat = self.distance(embeddings, None if same_set else ref_emb)
         # Positive-negative distances are between two reference items. (PML 2.9 indexes the
@@ -109,7 +119,8 @@ class TripletMarginLoss(BaseMetricLoss):
             swap_mat = mat if same_set else self.distance(ref_emb)
         if indices_tuple is None and self.triplets_per_anchor == "all":
             positive, negative = label_masks(labels, ref_labels, same_set)
-            value = triplet_margin_all(
+            exclude_self(positive, negative, self_index_of(local))
+            split = triplet_margin_all(
                 mat,
                 positive,
                 negative,
@@ -119,7 +130,7 @@ class TripletMarginLoss(BaseMetricLoss):
                 self.reducer,
                 swap_mat,
             )
-            return {} if value is None else {"loss": SubLoss(value, reduced=True)}
+            return {} if split is None else {"loss": SubLoss.ratio(*split)}
         anchors, positives, negatives = to_triplets(
             indices_tuple, labels, ref_labels, same_set, self.triplets_per_anchor
         )

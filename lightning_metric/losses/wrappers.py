@@ -8,8 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import IndicesTuple, check_embeddings, check_labels
+from ..distributed import gather_no_grad, resolve_gather
 from ..indices import all_pairs, to_pairs, to_triplets
 from ..miners import BaseMiner
+from .base import drop_self_pairs
 
 
 class MultipleLosses(nn.Module):
@@ -100,11 +102,20 @@ class CrossBatchMemory(nn.Module):
     evaluation batch larger than the memory is compared with the filled memory and the
     whole batch appended to it (training refuses such a batch).
 
+    Under ``torch.distributed`` (``gather_distributed``), every rank enqueues the batches of
+    all ranks (detached, in rank order), so the memories of all ranks stay identical and
+    hold what one process with the whole batch would hold; each rank's items are the
+    queries. The wrapped loss, gathering too (its own ``gather_distributed``), reduces the
+    ranks' queries as one batch: the value and the encoder gradients after DDP's averaging
+    are those of one process (for the losses whose ``gather_mode`` is ``"local"``).
+
     Args:
         loss: a labelled loss taking ``ref_emb`` (pair- and triplet-based ones).
         embedding_size: ``D`` of the embeddings.
-        memory_size: slots in the queue.
+        memory_size: slots in the queue (it must hold the batches of all ranks together).
         miner: optional ``miner(embeddings, labels, ref_emb, ref_labels)`` over the memory.
+        gather_distributed: enqueue every rank's batch; ``None`` (default): when a process
+            group with more than one rank is initialised; ``True`` without one raises.
 
     Example::
 
@@ -114,9 +125,10 @@ class CrossBatchMemory(nn.Module):
 
     def __init__(
         self, loss: nn.Module, embedding_size: int, memory_size: int = 1024,
-        miner: nn.Module | None = None,
+        miner: nn.Module | None = None, gather_distributed: bool | None = None,
     ):
         super().__init__()
+        self.gather_distributed = gather_distributed
         if embedding_size < 1 or memory_size < 1:
             raise ValueError(
                 f"embedding_size ({embedding_size}) and memory_size ({memory_size}) must be "
@@ -157,7 +169,19 @@ class CrossBatchMemory(nn.Module):
             embeddings, labels = embeddings[~enqueue_mask], labels[~enqueue_mask]
         else:
             queued, queued_labels = embeddings, labels
+        own_rows = None
+        if resolve_gather(self.gather_distributed, type(self).__name__):
+            gathered = gather_no_grad(queued)
+            queued_labels = gather_no_grad(queued_labels, gathered.sizes).tensor
+            queued, own_rows = gathered.tensor, gathered.own_rows()
+            if self.training and enqueue_mask is None and len(queued) > self.memory_size:
+                raise ValueError(
+                    f"the batches of all ranks ({len(queued)} items) do not fit "
+                    f"memory_size={self.memory_size}"
+                )
         memory, memory_labels, slots = self._memory_with(queued, queued_labels)
+        if own_rows is not None:
+            slots = slots[own_rows]
         memory = memory.to(embeddings.dtype)
         tuples = self._indices(embeddings, labels, memory, memory_labels, indices_tuple,
                                slots if enqueue_mask is None else None)
@@ -230,7 +254,7 @@ class CrossBatchMemory(nn.Module):
         else:
             tuples = self.miner(embeddings, labels, memory, memory_labels)
         if own_slots is not None:
-            tuples = _without_own_slot(tuples, own_slots)
+            tuples = drop_self_pairs(tuples, own_slots)
         if given is None:
             return tuples
         if len(given) != len(tuples):
@@ -238,12 +262,3 @@ class CrossBatchMemory(nn.Module):
             given = convert(given, labels, labels, True)
         return tuple(torch.cat([a, b.to(a.device)]) for a, b in zip(tuples, given, strict=True))
 
-
-def _without_own_slot(tuples: IndicesTuple, own_slots: Tensor) -> IndicesTuple:
-    """Drop positives that are the anchor's own copy in memory (after mining: the fallback
-    for miners that cannot take ``ref_self_index``)."""
-    anchors, positives = tuples[0], tuples[1]
-    keep = positives != own_slots[anchors]
-    if len(tuples) == 3:
-        return tuple(t[keep] for t in tuples)
-    return anchors[keep], positives[keep], tuples[2], tuples[3]

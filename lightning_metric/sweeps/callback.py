@@ -21,6 +21,7 @@ from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from .checks import SweepConfigError, check_sweep
 from .plots import HEATMAP_FILE, plot_optuna, plot_sweep, swept_parameters
@@ -58,13 +59,16 @@ class SweepCallback(Callback):
         self._started = time.perf_counter()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if rank_zero_only.rank != 0:  # a DDP job's other processes (Lightning's, Slurm's tasks)
+            return
         try:
             job_return.return_value  # noqa: B018 - raises the job's exception when it failed
             status, error = COMPLETED, ""
         except Exception as failure:  # noqa: BLE001 - every failure is recorded, not raised
             status, error = FAILED, f"{type(failure).__name__}: {failure}"
         output_dir = Path(config.hydra.runtime.output_dir)
-        write_job_file(output_dir, int(config.hydra.job.num), list(config.hydra.overrides.task),
+        number = OmegaConf.select(config, "hydra.job.num", default=None)  # missing: a single run
+        write_job_file(output_dir, int(number or 0), list(config.hydra.overrides.task),
                        status, error, time.perf_counter() - self._started)
         if config.hydra.mode == RunMode.MULTIRUN:
             sweep_dir = _sweep_dir(output_dir, str(config.hydra.sweep.subdir))
