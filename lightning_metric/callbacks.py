@@ -11,6 +11,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
+from .plot_worker import PlotWorker, shared_worker
+
 
 class ThroughputMonitor(pl.Callback):
     """Logs ``train/samples_per_second``: training items of an epoch over its wall time.
@@ -79,17 +81,25 @@ class EmbeddingPlot(pl.Callback):
     Under DDP the embeddings of every process are gathered (in dataset order when the
     step returns ``"indices"``) and the picture is drawn and written once, by rank 0.
 
+    By default the pictures are drawn off the training path, by a background process
+    (:mod:`lightning_metric.plot_worker`) that starts compiling UMAP when the trainer sets
+    up: training goes on while a picture is drawn, and the callback waits for its
+    pictures only at the end of the fit or test (``teardown``), where they are logged.
+
     Args:
         every_n_epochs: plot validation embeddings every n epochs (0: never).
         on_test: plot the test embeddings.
         max_points: a fixed random subset of at most this many points.
         dirpath: where the PNGs go (default ``<trainer.default_root_dir>/plots``).
         seed: of the subset and of UMAP.
+        background: draw in the background process (False: here, before training goes on).
+        worker: the background process to use (default: the process's shared one).
     """
 
     def __init__(
         self, every_n_epochs: int = 0, on_test: bool = True, max_points: int = 5000,
-        dirpath: str | None = None, seed: int = 0,
+        dirpath: str | None = None, seed: int = 0, background: bool = True,
+        worker: PlotWorker | None = None,
     ):
         from .metrics import EmbeddingCollector
 
@@ -100,11 +110,31 @@ class EmbeddingPlot(pl.Callback):
             )
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
         self.max_points, self.dirpath, self.seed = max_points, dirpath, seed
+        self.background, self._worker = background, worker
         self.collector = EmbeddingCollector()
         self.written: list[Path] = []
+        self._pending: list[tuple[int, str, int]] = []   # (job id, logger key, step)
+
+    @property
+    def worker(self) -> PlotWorker:
+        if self._worker is None:
+            self._worker = shared_worker()
+        return self._worker
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.collector = self.collector.to(pl_module.device)
+        if self.background and trainer.is_global_zero and (self.every_n_epochs or self.on_test):
+            self.worker.start()   # UMAP compiles in the background while training runs
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Wait for this callback's pictures still being drawn, then log them."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        paths = self.worker.wait([job_id for job_id, _, _ in pending])
+        for path, (_, key, step) in zip(paths, pending, strict=True):
+            self.written.append(path)
+            _log_image(trainer, key, path, step)
 
     def _collect(self, outputs) -> None:
         if isinstance(outputs, dict) and "embeddings" in outputs:
@@ -141,29 +171,34 @@ class EmbeddingPlot(pl.Callback):
         embeddings, labels = self.collector.compute()   # every rank: a collective under DDP
         if not trainer.is_global_zero:
             return
-        from .plots import plot_embeddings
-
         datamodule = getattr(trainer, "datamodule", None)
         class_names = getattr(datamodule, "class_names", None) or None
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "plots")
-        path = plot_embeddings(embeddings.cpu(), labels.cpu(), folder / f"{name}.png",
-                               class_names, self.max_points, self.seed,
-                               title=f"{name} embeddings (UMAP)")
+        options = {"class_names": class_names, "max_points": self.max_points, "seed": self.seed,
+                   "title": f"{name} embeddings (UMAP)"}
+        key, path = f"embeddings/{name}", folder / f"{name}.png"
+        if self.background:
+            job_id = self.worker.submit(embeddings.cpu().numpy(), labels.cpu().numpy(), path,
+                                        **options)
+            self._pending.append((job_id, key, trainer.global_step))
+            return
+        from .plots import plot_embeddings
+
+        path = plot_embeddings(embeddings.cpu(), labels.cpu(), path, **options)
         self.written.append(path)
-        _log_image(trainer, f"embeddings/{name}", path)
+        _log_image(trainer, key, path, trainer.global_step)
 
 
-def _log_image(trainer: pl.Trainer, key: str, path: Path) -> None:
+def _log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
     """Send the PNG to the W&B and TensorBoard loggers among the trainer's loggers."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step)
+            logger.log_image(key=key, images=[str(path)], step=step)
         elif isinstance(logger, TensorBoardLogger):
             import matplotlib.image
 
             image = matplotlib.image.imread(path)
-            logger.experiment.add_image(key, image[..., :3], trainer.global_step,
-                                        dataformats="HWC")
+            logger.experiment.add_image(key, image[..., :3], step, dataformats="HWC")
 
 
 class RetrievalMetrics(pl.Callback):

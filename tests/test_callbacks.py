@@ -1,5 +1,6 @@
 """Callbacks: the logged retrieval metrics equal a direct call; plots land in the run folder."""
 
+import numpy
 import pytest
 import pytorch_lightning as pl
 
@@ -10,6 +11,7 @@ from lightning_metric.encoders import MLP
 from lightning_metric.evaluation import retrieval_metrics
 from lightning_metric.export import embed
 from lightning_metric.module import MetricLearningModule
+from lightning_metric.plot_worker import PlotWorker
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +53,46 @@ def test_embedding_plot_writes_validation_and_test_pictures(digits, tmp_path):
 def test_bad_plot_settings():
     with pytest.raises(ValueError, match="every_n_epochs"):
         EmbeddingPlot(every_n_epochs=-1)
+
+
+class RecordsPictures(pl.Callback):
+    """At every training epoch start: which pictures exist already."""
+
+    def __init__(self, folder):
+        self.folder, self.seen = folder, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.seen.append(sorted(p.name for p in self.folder.glob("*.png")))
+
+
+def test_training_goes_on_while_a_picture_is_drawn_and_every_picture_is_written(digits,
+                                                                                 tmp_path):
+    worker = PlotWorker()   # a fresh process: UMAP still has to compile, seconds of work
+    try:
+        plot = EmbeddingPlot(every_n_epochs=1, max_points=300, worker=worker)
+        recorder = RecordsPictures(tmp_path / "plots")
+        module = MetricLearningModule(MLP(64, 8), losses.ContrastiveLoss())
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False,
+                             default_root_dir=tmp_path, enable_checkpointing=False,
+                             enable_progress_bar=False, limit_train_batches=3,
+                             num_sanity_val_steps=0, callbacks=[plot, recorder])
+        trainer.fit(module, datamodule=digits)
+        # epoch 1 started before epoch 0's picture was drawn: training did not wait for it
+        assert recorder.seen[1] == []
+        # ... and the fit ended with every picture written
+        assert [p.name for p in plot.written] == [
+            "val_epoch_000.png", "val_epoch_001.png", "val_epoch_002.png"]
+        assert all(p.stat().st_size > 10_000 for p in plot.written)
+    finally:
+        worker.close()
+
+
+def test_a_picture_that_fails_in_the_worker_fails_the_wait_with_its_file(tmp_path):
+    worker = PlotWorker(warm_up=False)
+    try:
+        job = worker.submit(numpy.zeros((3, 2)), numpy.arange(3), tmp_path / "few.png")
+        with pytest.raises(RuntimeError, match="few.png failed in the plot worker: ValueError: "
+                                               "a UMAP plot needs at least 4 points"):
+            worker.wait([job])
+    finally:
+        worker.close()

@@ -384,7 +384,7 @@ def test_the_slurm_launcher_follows_the_trainer_and_composes_with_ddp(tmp_path):
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["partition"], launcher["nodes"], launcher["timeout_min"]) == ("gpu", 2, 30)
     assert launcher["gpus_per_node"] == launcher["tasks_per_node"] == 2
-    assert config["trainer"]["strategy"] == "ddp"
+    assert config["trainer"]["strategy"]["_target_"].endswith("DDPStrategy")
 
 
 def test_a_sweep_on_the_local_submitit_launcher_runs_each_job_in_its_own_process(tmp_path):
