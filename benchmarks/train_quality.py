@@ -32,7 +32,7 @@ How to read the table: the quality columns say whether the recipe's defaults
 train at least as good an embedding as the textbook PML loop on the same budget
 (the last lines answer it per row); the throughput ratio recipe/plain is the
 price (< 1) or gain (> 1) of Lightning, callbacks and the recipe's own model.
-Two caveats: the recipe holds out 10% of the training items for validation and
+Two caveats: the recipe holds out 5% of the training items for validation and
 tests its best validation checkpoint, while the plain loop trains on everything
 and tests its last epoch; the recipe's ``train/samples_per_second`` is that of
 its last epoch, the plain loop's is over all epochs (the per-run lines also give
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--epochs-fmnist", type=int, default=5)
     parser.add_argument("--epochs-digits", type=int, default=10)
     parser.add_argument("--subset", type=int, default=None,
-                        help="training items (recipe: data.subset, 10%% of them for validation)")
+                        help="training items (recipe: data.subset, 5%% of them for validation)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of both sides")
     args = parser.parse_args()
     if args.subset is not None and args.subset < 2:

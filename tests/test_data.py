@@ -55,6 +55,31 @@ def test_digits_splits_are_disjoint_and_cover_every_class():
     assert set(data.test_set.tensors[1].tolist()) == set(range(10))
 
 
+def _epoch_batches(data):
+    data.setup()
+    return list(data.train_dataloader())
+
+
+def test_a_random_sampler_epoch_sees_every_training_item_once_with_its_last_short_batch():
+    data = DigitsDataModule(sampler="random", batch_size=128)
+    batches = _epoch_batches(data)
+    n = len(data.train_set)
+    assert n % 128, "the test needs a training set that is not a multiple of the batch size"
+    assert [len(labels) for _, labels in batches] == [128] * (n // 128) + [n % 128]
+    seen = torch.cat([images.flatten(1) for images, _ in batches])
+    assert torch.equal(seen.unique(dim=0), data.train_set.tensors[0].flatten(1).unique(dim=0))
+
+
+def test_drop_last_drops_the_short_batch_and_class_balanced_batches_are_always_full():
+    data = DigitsDataModule(sampler="random", batch_size=128, drop_last=True)
+    batches = _epoch_batches(data)
+    assert [len(labels) for _, labels in batches] == [128] * (len(data.train_set) // 128)
+    for drop_last in (False, True):
+        balanced = _epoch_batches(DigitsDataModule(sampler="class", batch_size=128,
+                                                   m_per_class=16, drop_last=drop_last))
+        assert {len(labels) for _, labels in balanced} == {128}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -70,6 +95,31 @@ def test_digits_splits_are_disjoint_and_cover_every_class():
 def test_bad_data_settings_name_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DigitsDataModule(**kwargs)
+
+
+def test_small_cnn_batch_norm_runs_on_the_pooled_map_and_equals_conv_bn_relu_pool():
+    torch.manual_seed(0)
+    encoder = SmallCNN(16, image_size=28, batch_norm=True)
+    norms = [m for m in encoder.features if isinstance(m, torch.nn.BatchNorm2d)]
+    seen = []
+    for norm in norms:
+        norm.register_forward_hook(lambda _, inputs, __: seen.append(tuple(inputs[0].shape)))
+    images = torch.rand(5, 1, 28, 28)
+    encoder(images)
+    assert seen == [(5, 32, 14, 14), (5, 64, 7, 7)]
+    # The usual block order (conv - BN - ReLU - pool) computes the same function for
+    # a positive BN scale: check it with random statistics in eval mode.
+    encoder.eval()
+    for norm in norms:
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.normal_()
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+    convs = [m for m in encoder.features if isinstance(m, torch.nn.Conv2d)]
+    usual = images
+    for conv, norm in zip(convs, norms, strict=True):
+        usual = torch.nn.functional.max_pool2d(torch.relu(norm(conv(usual))), 2)
+    torch.testing.assert_close(encoder(images), encoder.head(usual.flatten(1)))
 
 
 def test_encoders_give_embeddings_of_the_configured_size():

@@ -36,6 +36,9 @@ class LabelledDataModule(pl.LightningDataModule):
             ``auto`` with :func:`lightning_metric.losses.registry.resolve_sampler` first.
         m_per_class: items per class in a class-balanced batch.
         batches_per_epoch: training batches per epoch (default: one pass over the data).
+        drop_last: with the ``random`` sampler, drop the last, incomplete batch of an
+            epoch. Off by default: an epoch is one pass over every training item, as
+            with ``DataLoader(shuffle=True)``. (Class-balanced batches are always full.)
         val_fraction: share of the training items held out for validation.
         protocol: ``standard`` or ``class_disjoint`` (see the module docstring).
         subset: use at most this many training items (stratified), for quick runs.
@@ -53,6 +56,7 @@ class LabelledDataModule(pl.LightningDataModule):
         sampler: str = "class",
         m_per_class: int = 16,
         batches_per_epoch: int | None = None,
+        drop_last: bool = False,
         val_fraction: float = 0.1,
         protocol: str = "standard",
         subset: int | None = None,
@@ -77,8 +81,8 @@ class LabelledDataModule(pl.LightningDataModule):
         if subset is not None and subset < 1:
             raise ValueError(f"data.subset must be a positive number of items, got {subset}")
         self.batch_size, self.sampler, self.m_per_class = batch_size, sampler, m_per_class
-        self.batches_per_epoch, self.val_fraction, self.protocol = (
-            batches_per_epoch, val_fraction, protocol)
+        self.batches_per_epoch, self.drop_last = batches_per_epoch, drop_last
+        self.val_fraction, self.protocol = val_fraction, protocol
         self.subset, self.eval_batch_size = subset, eval_batch_size
         self.seed, self.num_workers = seed, num_workers
         self.train_set = self.val_set = self.test_set = None
@@ -148,7 +152,7 @@ class LabelledDataModule(pl.LightningDataModule):
                 length=self.batches_per_epoch, seed=self.seed, num_replicas=replicas, rank=rank,
             )
         return RandomBatchSampler(
-            len(self.train_set), self.batch_size, drop_last=True, seed=self.seed,
+            len(self.train_set), self.batch_size, drop_last=self.drop_last, seed=self.seed,
             num_replicas=replicas, rank=rank,
         )
 
