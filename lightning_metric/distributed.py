@@ -26,9 +26,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def is_initialized() -> bool:
+    """A ``torch.distributed`` process group is running (of any size)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
     """``torch.distributed`` is available, initialised, and has more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return is_initialized() and dist.get_world_size() > 1
 
 
 def resolve_gather(gather_distributed: bool | None, owner: str) -> bool:
@@ -39,7 +44,7 @@ def resolve_gather(gather_distributed: bool | None, owner: str) -> bool:
     """
     if gather_distributed is None:
         return is_distributed()
-    if gather_distributed and not (dist.is_available() and dist.is_initialized()):
+    if gather_distributed and not is_initialized():
         raise RuntimeError(
             f"{owner}(gather_distributed=True) needs an initialised torch.distributed process "
             "group (torch.distributed.init_process_group, DDP, torchrun or Lightning's ddp "
@@ -114,7 +119,7 @@ def gather_with_grad(tensor: Tensor) -> Gathered:
     a loss ``L = sum_r L_r``, each rank receives ``dL/d(its rows)``. Without a process
     group (or with one rank) the tensor comes back as it is.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return Gathered(tensor, [len(tensor)], 0)
     sizes = _batch_sizes(len(tensor), tensor.device)
     rank = dist.get_rank()
@@ -128,7 +133,7 @@ def gather_no_grad(tensor: Tensor, sizes: list[int] | None = None) -> Gathered:
 
     ``sizes``: the ranks' row counts when already known (saves one collective).
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return Gathered(tensor.detach(), [len(tensor)], 0)
     if sizes is None:
         sizes = _batch_sizes(len(tensor), tensor.device)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from .distributed import is_distributed
 from .evaluation import retrieval_metrics
 
 
@@ -34,10 +34,6 @@ def in_dataset_order(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     first[1:] = ordered[1:] != ordered[:-1]
     keep = order[first]
     return tuple(tensor[keep] for tensor in tensors)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _gathered(state: list[Tensor] | Tensor) -> Tensor | None:
@@ -89,7 +85,7 @@ class _IndexedBatches(Metric):
         labels = _gathered(getattr(self, f"{prefix}_labels"))
         indices = _gathered(getattr(self, f"{prefix}_indices"))
         if indices is None:
-            if _distributed():
+            if is_distributed():
                 rank_zero_warn(
                     f"{type(self).__name__} under DDP got no dataset indices: the items a "
                     "DistributedSampler repeats to pad the shards are counted twice. Pass "

@@ -39,6 +39,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from .distributed import is_initialized
+
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """A generator for one epoch, independent of every other (seed, epoch)."""
@@ -84,13 +86,13 @@ class _DistributedBatches(Sampler[list[int]]):
         """The ranks sharing each batch: as given, else the process group's size (else 1)."""
         if self._num_replicas is not None:
             return self._num_replicas
-        return dist.get_world_size() if _distributed() else 1
+        return dist.get_world_size() if is_initialized() else 1
 
     @property
     def rank(self) -> int:
         if self._rank is not None:
             return self._rank
-        return dist.get_rank() if _distributed() else 0
+        return dist.get_rank() if is_initialized() else 0
 
     @property
     def epoch(self) -> int:
@@ -119,10 +121,6 @@ class _DistributedBatches(Sampler[list[int]]):
         self.check_shareable(replicas)
         for batch in self.global_batches(epoch_generator(self.seed, self.epoch)):
             yield _part_of(batch, self.group_size, replicas, rank)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _part_of(batch: list[int], group_size: int, replicas: int, rank: int) -> list[int]:

@@ -68,7 +68,7 @@ def test_indices_with_some_batches_only_are_refused():
 
 
 def test_without_indices_under_ddp_a_warning_says_padding_counts_twice(monkeypatch):
-    monkeypatch.setattr(metrics_module, "_distributed", lambda: True)
+    monkeypatch.setattr(metrics_module, "is_distributed", lambda: True)
     metric = RetrievalMetric()
     metric.update(torch.randn(6, 2), torch.arange(6) % 2)
     with pytest.warns(UserWarning, match="counted twice"):

@@ -92,7 +92,7 @@ def test_a_last_batch_too_small_to_share_joins_the_one_before():
 def test_ranks_default_to_the_process_group(monkeypatch):
     import lightning_metric.samplers as samplers_module
 
-    monkeypatch.setattr(samplers_module, "_distributed", lambda: True)
+    monkeypatch.setattr(samplers_module, "is_initialized", lambda: True)
     monkeypatch.setattr(samplers_module.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(samplers_module.dist, "get_rank", lambda: 1)
     sampler = RandomBatchSampler(40, 8, seed=5)

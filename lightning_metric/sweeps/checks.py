@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 from collections.abc import Mapping
 
 import hydra
@@ -63,7 +64,7 @@ def jobs_to_check(task_overrides: list[str], sweeper_params: Mapping | None) -> 
     """
     searched = [f"{key}={value}" for key, value in (sweeper_params or {}).items()]
     candidates = values_per_key(searched + list(task_overrides))
-    if _product_size(list(candidates.values())) <= MAX_COMBINATIONS:
+    if math.prod(len(values) for values in candidates.values()) <= MAX_COMBINATIONS:
         return [list(job) for job in itertools.product(*candidates.values())]
     groups = [values for key, values in candidates.items() if "." not in key]
     settings = [values for key, values in candidates.items() if "." in key]
@@ -80,13 +81,6 @@ def _one_at_a_time(candidates: list[list[str]]) -> list[list[str]]:
     for position, values in enumerate(candidates):
         jobs += [first[:position] + [value] + first[position + 1:] for value in values[1:]]
     return jobs
-
-
-def _product_size(candidates: list[list[str]]) -> int:
-    size = 1
-    for values in candidates:
-        size *= len(values)
-    return size
 
 
 def check_sweep(config: DictConfig) -> int:

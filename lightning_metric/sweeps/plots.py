@@ -191,10 +191,11 @@ def parameter_importances(jobs: list[JobRecord], objective: Objective,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     float_distribution = (getattr(optuna.distributions, "FloatDistribution", None)   # 3.x
                           or optuna.distributions.UniformDistribution)             # 2.x
+    numeric = {key: is_numeric(jobs, key) for key in searched}
     distributions = {}
     for key in searched:
         values = [job.overrides[key] for job in jobs if key in job.overrides]
-        if is_numeric(jobs, key):
+        if numeric[key]:
             numbers = [float(v) for v in values]
             distributions[key] = float_distribution(min(numbers), max(numbers))
         else:
@@ -204,7 +205,7 @@ def parameter_importances(jobs: list[JobRecord], objective: Objective,
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for job in jobs:
             if all(key in job.overrides for key in searched):
-                params = {key: float(job.overrides[key]) if is_numeric(jobs, key)
+                params = {key: float(job.overrides[key]) if numeric[key]
                           else job.overrides[key] for key in searched}
                 study.add_trial(optuna.trial.create_trial(
                     params=params, distributions=distributions, value=objective.best_value(job)))
