@@ -3,15 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+TORCHVISION_VERSION ?= 0.28.0
 
 .PHONY: setup run test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch lies on local disk here; install it first so that
-	# pip does not pull a multi-GB CUDA build for the unpinned requirement.
-	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	# torch and torchvision from the package registry, together: torchvision's
+	# compiled ops need the registry's torch build (it also runs on the CPU), not the
+	# CPU-only wheel some machines keep on local disk, which the blank find-links skips.
+	PIP_FIND_LINKS=" " $(BIN)/pip install -q torch==$(TORCH_VERSION) \
+		torchvision==$(TORCHVISION_VERSION)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
