@@ -1,0 +1,154 @@
+"""Worst-query retrieval pictures: the queries an embedding gets most wrong, with their results.
+
+One row per query, worst average precision first: the query, its top-k retrieved
+gallery items framed green (same label) or red (another label), then gallery items
+of its label that the top-k missed, framed blue. Text items get the same content
+as a Markdown table. The pictures read the results of the one nearest-neighbour
+search of the metrics (open-metric-learning logs the same kind of picture at every
+validation); they never search again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+RIGHT, WRONG, MISSED = "#1a9641", "#d7191c", "#2b83ba"
+
+
+@dataclass(frozen=True)
+class QueryRow:
+    """One query of a picture: item ids index the evaluation set (dataset order).
+
+    Attributes:
+        query: the query's item id.
+        label: its label.
+        average_precision: its AP@R (what ranked it among the worst).
+        retrieved: item ids of its top-k results, nearest first.
+        relevant: for each retrieved item, whether it has the query's label.
+        missed: item ids of gallery items with its label that are not in ``retrieved``.
+    """
+
+    query: int
+    label: int
+    average_precision: float
+    retrieved: tuple[int, ...]
+    relevant: tuple[bool, ...]
+    missed: tuple[int, ...] = ()
+
+
+def worst_queries(average_precision: Tensor, n: int) -> Tensor:
+    """Positions of the ``n`` lowest values of ``average_precision`` ``(Q,)``, lowest first.
+
+    Ties keep query order; NaN (queries without any relevant item) are never chosen.
+    """
+    if n < 1:
+        raise ValueError(f"the number of queries to draw must be >= 1, got {n}")
+    valid = torch.nonzero(~torch.isnan(average_precision)).flatten()
+    order = torch.argsort(average_precision[valid], stable=True)
+    return valid[order[:n]]
+
+
+def _as_image(item: Tensor | np.ndarray) -> np.ndarray:
+    """An image tensor ``(C, H, W)`` or ``(H, W)`` as ``(H, W, 3)`` floats in [0, 1]."""
+    image = torch.as_tensor(item).detach().float().cpu()
+    if image.ndim == 1:  # a flattened square image (digits as an MLP sees them)
+        side = int(round(image.numel() ** 0.5))
+        if side * side != image.numel():
+            raise ValueError(f"cannot draw a flat item of {image.numel()} values as an image")
+        image = image.reshape(side, side)
+    if image.ndim == 3:
+        image = image.permute(1, 2, 0)
+    else:
+        image = image.unsqueeze(-1)
+    low, high = float(image.min()), float(image.max())
+    image = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    if image.shape[-1] == 1:
+        image = image.expand(*image.shape[:2], 3)
+    return image[..., :3].numpy()
+
+
+def draw_worst_queries(
+    rows: Sequence[QueryRow],
+    image_of: Callable[[int], Tensor | np.ndarray],
+    path: str | Path,
+    class_names: Sequence[str] = (),
+    max_missed: int = 3,
+    title: str = "",
+) -> Path:
+    """Write a PNG grid: per row a query, its results (green right, red wrong), its misses.
+
+    ``image_of(item_id)`` returns an image tensor ``(C, H, W)``, ``(H, W)`` or a flat
+    square ``(H*W,)``; each is min-max scaled for display. Returns the written path.
+
+    Raises:
+        ValueError: no rows.
+    """
+    if not rows:
+        raise ValueError("no query to draw")
+    columns = 1 + max(len(row.retrieved) for row in rows) + max_missed
+    figure, axes = plt.subplots(len(rows), columns, figsize=(1.3 * columns, 1.45 * len(rows)),
+                                dpi=100, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for r, row in enumerate(rows):
+        _draw(axes[r, 0], image_of(row.query), "black",
+              f"query: {_name(row.label, class_names)}\nAP@R {row.average_precision:.2f}")
+        for c, (item, right) in enumerate(zip(row.retrieved, row.relevant, strict=True)):
+            _draw(axes[r, 1 + c], image_of(item), RIGHT if right else WRONG, f"#{c + 1}")
+        for m, item in enumerate(row.missed[:max_missed]):
+            _draw(axes[r, 1 + len(row.retrieved) + m], image_of(item), MISSED, "missed")
+    figure.suptitle(title or "worst queries: green right, red wrong, blue missed", fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def _draw(axis, image: Tensor | np.ndarray, colour: str, caption: str) -> None:
+    axis.imshow(_as_image(image), interpolation="nearest")
+    axis.axis("on")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(4)
+    axis.set_title(caption, fontsize=7)
+
+
+def _name(label: int, class_names: Sequence[str]) -> str:
+    return str(class_names[label]) if 0 <= label < len(class_names) else str(label)
+
+
+def worst_queries_markdown(
+    rows: Sequence[QueryRow],
+    text_of: Callable[[int], str],
+    class_names: Sequence[str] = (),
+    max_missed: int = 3,
+) -> str:
+    """The same content as :func:`draw_worst_queries` for text items, as a Markdown table."""
+    lines = ["| query | label | AP@R | retrieved (✓ right, ✗ wrong) | missed |",
+             "|---|---|---:|---|---|"]
+    for row in rows:
+        retrieved = "<br>".join(
+            f"{'✓' if right else '✗'} {_cell(text_of(item))}"
+            for item, right in zip(row.retrieved, row.relevant, strict=True))
+        missed = "<br>".join(_cell(text_of(item)) for item in row.missed[:max_missed])
+        lines.append(f"| {_cell(text_of(row.query))} | {_name(row.label, class_names)} | "
+                     f"{row.average_precision:.2f} | {retrieved} | {missed} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
