@@ -1,6 +1,7 @@
 """lightning-metric: PyTorch Lightning training recipes for deep metric learning."""
 
 from . import (
+    backbones,
     callbacks,
     distances,
     distributed,
@@ -10,16 +11,23 @@ from . import (
     miners,
     regularizers,
     samplers,
+    transforms,
 )
+from .backbones import HFTextEncoder, TimmEncoder
 from .evaluation import retrieval_metrics
 from .metrics import RetrievalMetric
 from .module import MetricLearningModule
+from .transforms import build_transforms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HFTextEncoder",
     "MetricLearningModule",
     "RetrievalMetric",
+    "TimmEncoder",
+    "backbones",
+    "build_transforms",
     "callbacks",
     "distances",
     "distributed",
@@ -30,4 +38,5 @@ __all__ = [
     "regularizers",
     "retrieval_metrics",
     "samplers",
+    "transforms",
 ]

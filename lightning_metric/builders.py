@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
@@ -18,7 +19,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from .losses.registry import entry_for, resolve_sampler
-from .module import MetricLearningModule
+from .module import FINE_TUNING_DEFAULTS, MetricLearningModule
+from .transforms import build_transforms
 
 # Trainer settings that Lightning refuses under manual optimization: the module does them.
 _MOVED_TO_MODULE = ("gradient_clip_val", "accumulate_grad_batches")
@@ -48,16 +50,69 @@ def sampler_for(loss: nn.Module, requested: str) -> str:
     return resolve_sampler(requested, entry.name)
 
 
-def build_loss(cfg: DictConfig) -> nn.Module:
-    miner = hydra.utils.instantiate(cfg.miner) if cfg.get("miner") else None
-    if miner is None:
-        return hydra.utils.instantiate(cfg.loss)
-    return hydra.utils.instantiate(cfg.loss, miner=miner)
+def build_encoder(cfg: DictConfig) -> nn.Module:
+    """``model.encoder``, instantiated."""
+    return hydra.utils.instantiate(cfg.model.encoder)
 
 
-def build_datamodule(cfg: DictConfig, loss: nn.Module) -> pl.LightningDataModule:
+def _loss_needs_embedding_size(cfg: DictConfig) -> bool:
+    """The loss takes ``embedding_size`` and the config leaves it null (the backbone's)."""
+    return "embedding_size" in cfg.loss and cfg.loss.embedding_size is None
+
+
+def build_loss(cfg: DictConfig, encoder: nn.Module | None = None) -> nn.Module:
+    """``loss`` (with ``miner``); a null ``embedding_size`` (``model.embedding_size=null``:
+    the backbone's feature size) is taken from ``encoder.embedding_size`` (an encoder is
+    built from ``model.encoder`` for it when none is given).
+
+    Raises:
+        ValueError: ``embedding_size`` is null and the encoder does not say its size.
+    """
+    options = {}
+    if cfg.get("miner"):
+        options["miner"] = hydra.utils.instantiate(cfg.miner)
+    if _loss_needs_embedding_size(cfg):
+        encoder = build_encoder(cfg) if encoder is None else encoder
+        size = getattr(encoder, "embedding_size", None)
+        if size is None:
+            raise ValueError(
+                f"loss.embedding_size is null (model.embedding_size=null) and "
+                f"{type(encoder).__name__} has no embedding_size attribute: set it")
+        options["embedding_size"] = int(size)
+    return hydra.utils.instantiate(cfg.loss, **options)
+
+
+def _needs_encoder(cfg: DictConfig) -> bool:
+    """The data module takes something from the encoder: transforms or a tokenizer."""
+    return cfg.get("transform") is not None or "max_length" in cfg.model
+
+
+def data_inputs(cfg: DictConfig, encoder: nn.Module) -> dict[str, Any]:
+    """What the data module gets from the encoder: ``train_transform``/``eval_transform``
+    (when ``cfg.transform`` is set, sized by the encoder's pretrained config), and
+    ``tokenizer``/``max_length`` (when the encoder has a ``.tokenizer``)."""
+    inputs: dict[str, Any] = {}
+    if cfg.get("transform") is not None:
+        settings = OmegaConf.to_container(cfg.transform, resolve=True)
+        inputs["train_transform"], inputs["eval_transform"] = build_transforms(settings, encoder)
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is not None:
+        inputs["tokenizer"] = tokenizer
+        inputs["max_length"] = cfg.model.get("max_length", getattr(encoder, "max_length", 128))
+    return inputs
+
+
+def build_datamodule(cfg: DictConfig, loss: nn.Module,
+                     encoder: nn.Module | None = None) -> pl.LightningDataModule:
+    """``data``, with the sampler the loss needs and what it takes from the encoder
+    (:func:`data_inputs`). Without ``encoder``, one is built from ``model.encoder`` when
+    ``transform`` is set or the model has a ``max_length`` (text); pass the run's own to
+    avoid building it twice."""
     sampler = sampler_for(loss, cfg.sampler.name)
-    datamodule = hydra.utils.instantiate(cfg.data, sampler=sampler)
+    if encoder is None and _needs_encoder(cfg):
+        encoder = build_encoder(cfg)
+    inputs = data_inputs(cfg, encoder) if encoder is not None else {}
+    datamodule = hydra.utils.instantiate(cfg.data, sampler=sampler, **inputs)
     check_classes(loss, datamodule)
     return datamodule
 
@@ -72,8 +127,11 @@ def check_classes(loss: nn.Module, datamodule: pl.LightningDataModule) -> None:
         )
 
 
-def build_module(cfg: DictConfig, loss: nn.Module) -> MetricLearningModule:
-    encoder = hydra.utils.instantiate(cfg.model.encoder)
+def build_module(cfg: DictConfig, loss: nn.Module,
+                 encoder: nn.Module | None = None) -> MetricLearningModule:
+    """The module: ``encoder`` (built from ``model.encoder`` when None), the loss, the
+    optimizers and schedulers, and the ``model`` settings (absent fine-tuning keys: off)."""
+    encoder = build_encoder(cfg) if encoder is None else encoder
     loss_optimizer = None
     if cfg.loss_optimizer.get("_target_"):
         loss_optimizer = hydra.utils.instantiate(cfg.loss_optimizer)
@@ -90,6 +148,7 @@ def build_module(cfg: DictConfig, loss: nn.Module) -> MetricLearningModule:
         gradient_clip_val=_one_setting(cfg.model, trainer_cfg, "gradient_clip_val", None),
         gradient_clip_algorithm=cfg.model.gradient_clip_algorithm,
         accumulate_grad_batches=_one_setting(cfg.model, trainer_cfg, "accumulate_grad_batches", 1),
+        **{key: cfg.model.get(key, default) for key, default in FINE_TUNING_DEFAULTS.items()},
     )
 
 
@@ -134,11 +193,18 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
 
 
 def build_run(cfg: DictConfig) -> tuple[pl.LightningDataModule, MetricLearningModule, pl.Trainer]:
-    """Seed, then the data, the module (with its loss) and the trainer of a run."""
+    """Seed, then the data, the module (with its loss and encoder) and the trainer of a run.
+
+    One encoder serves the data module (transforms, tokenizer) and the module. It is
+    built after the loss, as before encoders fed the data (same seed, same initial
+    weights), unless the loss needs its ``embedding_size``.
+    """
     pl.seed_everything(cfg.seed, workers=True)
-    loss = build_loss(cfg)
-    datamodule = build_datamodule(cfg, loss)
-    return datamodule, build_module(cfg, loss), build_trainer(cfg)
+    encoder = build_encoder(cfg) if _loss_needs_embedding_size(cfg) else None
+    loss = build_loss(cfg, encoder)
+    encoder = build_encoder(cfg) if encoder is None else encoder
+    datamodule = build_datamodule(cfg, loss, encoder)
+    return datamodule, build_module(cfg, loss, encoder), build_trainer(cfg)
 
 
 def write_metrics(path: Path, metrics: dict[str, float]) -> None:

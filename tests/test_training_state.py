@@ -126,6 +126,41 @@ def test_logged_steps_and_step_checkpoints_count_batches(tmp_path):
     assert steps == list(range(42))
 
 
+class LossRecorder(pl.Callback):
+    """Each training batch's loss and size, per epoch."""
+
+    def __init__(self):
+        self.epochs: dict[int, list[tuple[float, int]]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.epochs.setdefault(trainer.current_epoch, []).append(
+            (float(outputs["loss"]), len(batch[1])))
+
+
+@pytest.mark.parametrize("progress_bar", [False, True])
+def test_batch_loss_logged_every_n_steps_and_epoch_loss_is_the_item_mean(tmp_path, progress_bar):
+    # digits: 1,294 training items in random batches of 64 -> 21 batches an epoch (the last 14)
+    recorder = LossRecorder()
+    module = MetricLearningModule(MLP(64, 8), losses.ArcFaceLoss(10, 8))
+    trainer = _trainer(max_epochs=2, limit_val_batches=0, log_every_n_steps=5,
+                       logger=CSVLogger(tmp_path), callbacks=[recorder],
+                       enable_progress_bar=progress_bar)
+    trainer.fit(module, datamodule=DigitsDataModule(sampler="random"))
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    cells = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
+    logged = [(int(c["step"]), float(c["train/loss_step"])) for c in cells if c["train/loss_step"]]
+    every_batch = [loss for epoch in (0, 1) for loss, _ in recorder.epochs[epoch]]
+    assert [step for step, _ in logged] == list(range(4, 42, 5))
+    assert [value for _, value in logged] == pytest.approx(every_batch[4::5], rel=1e-6)
+    epoch_means = [float(c["train/loss_epoch"]) for c in cells if c["train/loss_epoch"]]
+    expected = [sum(loss * n for loss, n in recorder.epochs[e]) / sum(n for _, n in
+                recorder.epochs[e]) for e in (0, 1)]
+    assert epoch_means == pytest.approx(expected, rel=1e-5)
+    if progress_bar:
+        assert "train/loss_step" in trainer.progress_bar_metrics
+
+
 # -- 3. evaluation never changes training state ------------------------------------------------
 
 
