@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from .data.roles import EvalRoles
+from .evaluation import RECALL_KS, RetrievalResults
 from .plot_worker import PlotWorker, shared_worker
 
 
@@ -204,28 +208,68 @@ def _log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
 class RetrievalMetrics(pl.Callback):
     """Logs retrieval metrics of the validation and test embeddings: ``val/<key>``, ``test/<key>``.
 
-    At the end of each validation (test) epoch the embeddings of the whole set
-    retrieve from each other (each item excluded from its own neighbours), and
-    :func:`~lightning_metric.evaluation.retrieval_metrics` gives ``precision_at_1``,
-    ``r_precision``, ``mean_average_precision_at_r``, ``recall_at_k``, ``NMI``, ... logged
+    At the end of each validation (test) epoch one nearest-neighbour search
+    (:func:`~lightning_metric.evaluation.retrieval_results`) gives ``precision_at_1``,
+    ``r_precision``, ``mean_average_precision_at_r``, ``recall_at_K``, ``NMI``, ... logged
     through Lightning, so ``ModelCheckpoint``, ``EarlyStopping`` and sweeps can monitor
     them. Under DDP the embeddings of all ranks are gathered first, the copies that
     padding the shards repeated are dropped and the dataset order is restored
     (:class:`~lightning_metric.metrics.RetrievalMetric` does it, from the ``"indices"``
     the step returns), so the metrics are those of a single process, on every rank.
     Needs the module's ``validation_step`` / ``test_step`` to return
-    ``{"embeddings", "labels"}`` and, for exact DDP metrics, ``"indices"`` (dataset
-    indices of the items; ``MetricLearningModule`` returns them when batches carry them).
+    ``{"embeddings", "labels"}`` and, for exact DDP metrics and query/gallery roles,
+    ``"indices"`` (dataset indices of the items; ``MetricLearningModule`` returns them when
+    batches carry them).
+
+    **Queries and gallery.** When the datamodule has ``eval_roles(stage)`` returning an
+    :class:`~lightning_metric.data.roles.EvalRoles`, its queries retrieve from its gallery
+    (an item that is both is never retrieved for itself, by identity: its duplicates
+    still count); otherwise (None, no such method, no datamodule) the whole set retrieves
+    from itself, each item excluded from its own neighbours. Queries without any gallery
+    item of their label ("lone") are left out of the metrics; a warning says how many,
+    once a stage.
+
+    **Per category.** With ``per_category=True`` and roles carrying ``categories``, also
+    ``<stage>/<category name>/<metric>``: the metrics over the queries of that category,
+    each still retrieving from the whole gallery (as open-metric-learning does: a category
+    is a slice of the queries, not a smaller search). ``k="max_bin_count"`` is resolved
+    once over all queries, so MAP and MRR of a category read as deep as the overall ones.
+
+    **Search once, read many.** After each epoch, ``last_results[stage]`` holds the search's
+    :class:`~lightning_metric.evaluation.RetrievalResults` (on every rank, the same):
+    per-query metrics (``average_precision_at_r``, R), each query's ``top_k`` nearest
+    gallery items (``neighbours``, ``distances``, ``is_relevant``) and the items' dataset
+    indices (``query_ids``, ``reference_ids``; ``neighbour_ids()`` gives the neighbours'),
+    for callbacks that draw the worst queries (``worst_queries(n)``) or re-rank without
+    searching again.
 
     Args:
         distance, k, index, include: passed to ``retrieval_metrics``.
+        recall_at_k: the Ks of the logged ``recall_at_K`` (default 1, 2, 4, 8); the search
+            goes as deep as the largest.
+        per_category: also log the metrics of each query category (default off).
+        top_k: neighbours of each query kept in ``last_results`` (0: none).
+
+    Raises:
+        ValueError: naming the setting, for a bad ``recall_at_k``, ``include``,
+            ``per_category`` or ``top_k``.
     """
 
     def __init__(self, distance: str = "cosine", k: int | str | None = "max_bin_count",
-                 index: str = "exact", include: list[str] | None = None):
+                 index: str = "exact", include: list[str] | None = None,
+                 recall_at_k: Iterable[int] = RECALL_KS, per_category: bool = False,
+                 top_k: int = 10):
         from .metrics import RetrievalMetric
 
-        self.metric = RetrievalMetric(distance=distance, k=k, index=index, include=include)
+        if not isinstance(per_category, bool):
+            raise ValueError(f"per_category must be true or false, got {per_category!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+        self.metric = RetrievalMetric(distance=distance, k=k, index=index, include=include,
+                                      recall_at_k=recall_at_k, top_k=top_k)
+        self.per_category = per_category
+        self.last_results: dict[str, RetrievalResults] = {}
+        self._warned: set[str] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.metric = self.metric.to(pl_module.device)
@@ -243,15 +287,48 @@ class RetrievalMetrics(pl.Callback):
         self._update(outputs)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "val")
+        self._log(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "test")
+        self._log(trainer, pl_module, "test")
 
-    def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.metric.update_called:
             return
-        results = self.metric.compute()
+        roles = _eval_roles(trainer, stage)
+        results, values = self.metric.evaluate(roles, per_category=self.per_category)
         self.metric.reset()
-        pl_module.log_dict({f"{stage}/{key}": value.float() for key, value in results.items()},
-                           prog_bar=False)
+        if results is not None:
+            self.last_results[stage] = results
+            if not trainer.sanity_checking:  # a few batches: their lone queries say little
+                self._warn(stage, results, roles)
+        pl_module.log_dict(
+            {f"{stage}/{key}": torch.tensor(value, dtype=torch.float32, device=pl_module.device)
+             for key, value in values.items()},
+            prog_bar=False,
+        )
+
+    def _warn(self, stage: str, results: RetrievalResults, roles: EvalRoles | None) -> None:
+        """Say once a stage how many queries were lone, and that categories are missing."""
+        if stage in self._warned:
+            return
+        lone = int(results.lone.sum())
+        if lone:
+            self._warned.add(stage)
+            rank_zero_warn(
+                f"RetrievalMetrics: {lone} of {len(results.lone)} {stage} queries have no "
+                "gallery item of their label and are left out of the metrics"
+            )
+        if self.per_category and (roles is None or roles.categories is None):
+            self._warned.add(stage)
+            rank_zero_warn(
+                f"RetrievalMetrics(per_category=True): the {stage} set has no categories "
+                "(datamodule.eval_roles gives none), only the overall metrics are logged"
+            )
+
+
+def _eval_roles(trainer: pl.Trainer, stage: str) -> EvalRoles | None:
+    """``trainer.datamodule.eval_roles(stage)``, or None (self-retrieval) without it."""
+    datamodule = getattr(trainer, "datamodule", None)
+    eval_roles = getattr(datamodule, "eval_roles", None)
+    return None if eval_roles is None else eval_roles(stage)

@@ -10,7 +10,8 @@ order, a single process would see (open-metric-learning's accumulator does the s
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import math
+from collections.abc import Collection, Iterable
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
@@ -18,8 +19,16 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from .data.roles import EvalRoles
 from .distributed import is_distributed
-from .evaluation import retrieval_metrics
+from .evaluation import (
+    CLUSTER_METRICS,
+    RECALL_KS,
+    RetrievalResults,
+    cluster_metrics,
+    retrieval_results,
+    selected_metrics,
+)
 
 
 def in_dataset_order(indices: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -79,6 +88,12 @@ class _IndexedBatches(Metric):
 
     def _collected(self, prefix: str) -> tuple[Tensor, Tensor] | None:
         """All ranks' ``(embeddings, labels)`` of a set, in dataset order when indexed."""
+        items = self._collected_items(prefix)
+        return None if items is None else items[:2]
+
+    def _collected_items(self, prefix: str) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """All ranks' ``(embeddings, labels, dataset indices)`` of a set, in dataset order
+        and each item once when indexed (indices None otherwise); None before any batch."""
         embeddings = _gathered(getattr(self, f"{prefix}_embeddings"))
         if embeddings is None:
             return None
@@ -91,8 +106,8 @@ class _IndexedBatches(Metric):
                     "DistributedSampler repeats to pad the shards are counted twice. Pass "
                     "indices= (MetricLearningModule does when the batches carry them)."
                 )
-            return embeddings, labels
-        return in_dataset_order(indices, embeddings, labels)
+            return embeddings, labels, None
+        return in_dataset_order(indices, embeddings, labels, indices)
 
     def reset(self) -> None:
         super().reset()
@@ -127,22 +142,28 @@ class RetrievalMetric(_IndexedBatches):
     ``update`` stores each batch's embeddings ``(B, D)``, labels ``(B,)`` and, optionally,
     the items' dataset indices ``(B,)``; ``compute`` gathers them from every process
     (under DDP), drops the copies of items that padding repeated and restores the
-    dataset order (when indices were given), then runs
-    :func:`~lightning_metric.evaluation.retrieval_metrics` and returns ``{name: 0-d
+    dataset order (when indices were given), then runs one search
+    (:func:`~lightning_metric.evaluation.retrieval_results`) and returns ``{name: 0-d
     tensor}``, the same on every rank and equal to a single process's. Without indices
     under DDP a warning says the padded items count twice. By default the set retrieves
     from itself (each item excluded from its own neighbours); batches passed with
-    ``reference=True`` form a separate gallery instead, and the others are the queries.
+    ``reference=True`` form a separate gallery instead, and the others are the queries;
+    or :meth:`evaluate` splits the set into queries and gallery by its
+    :class:`~lightning_metric.data.roles.EvalRoles` and also returns the search's
+    :class:`~lightning_metric.evaluation.RetrievalResults`.
     The keyword arguments are ``retrieval_metrics``'s (``k=None`` ranks the whole set, as
-    PML: use ``k="max_bin_count"`` for large sets).
+    PML: use ``k="max_bin_count"`` for large sets); ``top_k`` neighbours of each query are
+    kept in the results of :meth:`evaluate` (0: none).
 
     Raises:
-        ValueError: at ``update``, for shapes that do not match or indices given with some
-            batches and not others; at ``compute``, before any query batch.
+        ValueError: at construction, for unknown metrics in ``include`` or a bad
+            ``recall_at_k``; at ``update``, for shapes that do not match or indices given
+            with some batches and not others; at ``compute``, before any query batch, and
+            the errors of ``retrieval_metrics``.
 
     Example::
 
-        >>> metric = RetrievalMetric(k="max_bin_count")
+        >>> metric = RetrievalMetric(k="max_bin_count", recall_at_k=[1, 5, 10])
         >>> for embeddings, labels, indices in batches: metric.update(embeddings, labels, indices)
         >>> metric.compute()["mean_average_precision_at_r"]
     """
@@ -157,13 +178,17 @@ class RetrievalMetric(_IndexedBatches):
         chunk_size: int = 4096,
         include: Collection[str] | None = None,
         seed: int = 1234,
+        recall_at_k: Iterable[int] = RECALL_KS,
+        top_k: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(("query", "reference"), **kwargs)
+        self.names = selected_metrics(include, recall_at_k)
         self.options = {
             "distance": distance, "k": k, "index": index, "chunk_size": chunk_size,
-            "include": include, "seed": seed,
+            "recall_at_k": tuple(recall_at_k), "top_k": top_k,
         }
+        self.seed = seed
 
     def update(self, embeddings: Tensor, labels: Tensor, indices: Tensor | None = None,
                reference: bool = False) -> None:
@@ -172,10 +197,159 @@ class RetrievalMetric(_IndexedBatches):
         self._store("reference" if reference else "query", embeddings, labels, indices)
 
     def compute(self) -> dict[str, Tensor]:
-        queries = self._collected("query")
-        if queries is None:
+        _, values = self._evaluate(None, per_category=False)
+        return {name: torch.tensor(value, device=self.device) for name, value in values.items()}
+
+    def evaluate(
+        self, roles: EvalRoles | None = None, per_category: bool = False
+    ) -> tuple[RetrievalResults | None, dict[str, float]]:
+        """The search's results and the metrics, gathered from every process like ``compute``
+        (a collective call under DDP: every rank must make it; all get the same answer).
+
+        Args:
+            roles: which items of the evaluation set (in dataset order: ``roles`` index the
+                items by their dataset index) are queries and gallery items, and their
+                categories; None: self-retrieval (or the ``reference=True`` batches).
+            per_category: also ``"<category name>/<metric>"`` for each category of the
+                queries (needs ``roles.categories``): the metrics over that category's
+                queries, each retrieving from the whole gallery. ``k="max_bin_count"`` is
+                resolved once, over all the queries.
+
+        Returns:
+            ``(results, {name: value})``; ``results`` is None when no rank metric is asked.
+            Its ``query_ids`` / ``reference_ids`` are the items' dataset indices (their
+            positions in dataset order when the batches carried no indices).
+
+        Raises:
+            ValueError: before any query batch; with ``roles`` and ``reference=True``
+                batches both; items beyond the roles, or no indices and another count of
+                items than the roles describe.
+        """
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+            should_unsync=self._should_unsync,
+        ):
+            return self._evaluate(roles, per_category)
+
+    def _evaluate(
+        self, roles: EvalRoles | None, per_category: bool
+    ) -> tuple[RetrievalResults | None, dict[str, float]]:
+        items = self._collected_items("query")
+        if items is None:
             raise ValueError("RetrievalMetric.compute() was called before any query batch")
-        reference = self._collected("reference")
-        references = (None, None) if reference is None else reference
-        results = retrieval_metrics(*queries, *references, **self.options)
-        return {name: torch.tensor(value, device=self.device) for name, value in results.items()}
+        reference = self._collected_items("reference")
+        if roles is not None and reference is not None:
+            raise ValueError(
+                "RetrievalMetric got eval roles and reference=True batches: the roles already "
+                "say which items are the gallery, pass one or the other"
+            )
+        sets = _split(items, roles) if roles is not None else _sets(items, reference)
+        if sets.empty:  # a partial set (sanity check, limited batches) without queries or gallery
+            return None, dict.fromkeys(self.names, math.nan)
+        results = self._search(sets)
+        categories = _query_categories(sets, roles) if per_category else {}
+        values = {}
+        for prefix, queries in {"": None, **categories}.items():
+            values.update({prefix + name: value
+                           for name, value in self._averaged(results, sets, queries).items()})
+        return results, values
+
+    def _search(self, sets: _Sets) -> RetrievalResults | None:
+        """The one search of the rank metrics (with AP@R when neighbours are kept)."""
+        searched = [name for name in self.names if name not in CLUSTER_METRICS]
+        if not searched:
+            return None
+        if self.options["top_k"] and "mean_average_precision_at_r" not in searched:
+            searched.append("mean_average_precision_at_r")  # what pictures of the worst read
+        return retrieval_results(*sets.arguments, **sets.ids, include=searched, **self.options)
+
+    def _averaged(self, results: RetrievalResults | None, sets: _Sets,
+                  queries: Tensor | None) -> dict[str, float]:
+        """The metrics ``self.names`` over the ``queries`` ``(Q,)`` bool (None: all)."""
+        values = {}
+        if results is not None:
+            ranked = [name for name in self.names if name not in CLUSTER_METRICS]
+            values.update(results.metrics(ranked, queries))
+        if any(name in CLUSTER_METRICS for name in self.names):
+            values.update(self._clusters(sets, queries))
+        return {name: values[name] for name in self.names}
+
+    def _clusters(self, sets: _Sets, queries: Tensor | None) -> dict[str, float]:
+        """NMI and AMI of the ``queries`` (None: all; NaN when there are none)."""
+        embeddings, labels = sets.query, sets.query_labels
+        if queries is not None:
+            embeddings, labels = embeddings[queries], labels[queries]
+        if len(embeddings) == 0:
+            return dict.fromkeys(CLUSTER_METRICS, math.nan)
+        return cluster_metrics(embeddings, labels, self.options["distance"], self.seed)
+
+
+class _Sets:
+    """Queries and gallery of an evaluation (gallery None: self-retrieval), with ids."""
+
+    def __init__(self, query, query_labels, query_ids, reference=None, reference_labels=None,
+                 reference_ids=None, query_categories=None):
+        self.query, self.query_labels, self.query_ids = query, query_labels, query_ids
+        self.reference, self.reference_labels = reference, reference_labels
+        self.reference_ids = reference_ids
+        self.query_categories = query_categories
+
+    @property
+    def arguments(self) -> tuple:
+        """``retrieval_results``'s positional arguments."""
+        return (self.query, self.query_labels, self.reference, self.reference_labels)
+
+    @property
+    def ids(self) -> dict[str, Tensor | None]:
+        """``retrieval_results``'s ``query_ids`` and ``reference_ids``."""
+        return {"query_ids": self.query_ids, "reference_ids": self.reference_ids}
+
+    @property
+    def empty(self) -> bool:
+        """No query, or a separate gallery without any item."""
+        return len(self.query) == 0 or (self.reference is not None and len(self.reference) == 0)
+
+
+def _positions(items: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """The items' dataset indices, or their positions when the batches carried none."""
+    embeddings, _, indices = items
+    return torch.arange(len(embeddings)) if indices is None else indices.cpu()
+
+
+def _sets(items, reference) -> _Sets:
+    """Self-retrieval of ``items``, or ``items`` against the ``reference=True`` batches."""
+    if reference is None:
+        return _Sets(items[0].cpu(), items[1].cpu(), _positions(items))
+    return _Sets(items[0].cpu(), items[1].cpu(), None, reference[0].cpu(), reference[1].cpu())
+
+
+def _split(items, roles: EvalRoles) -> _Sets:
+    """Queries and gallery of ``items`` by their ``roles`` (indexed by dataset index)."""
+    embeddings, labels, ids = items[0].cpu(), items[1].cpu(), _positions(items)
+    if items[2] is None and len(ids) != len(roles.is_query):
+        raise ValueError(
+            f"the eval roles describe {len(roles.is_query)} items but the evaluation gave "
+            f"{len(ids)} without dataset indices: return 'indices' from the evaluation step"
+        )
+    if len(ids) and int(ids.max()) >= len(roles.is_query):
+        raise ValueError(
+            f"dataset index {int(ids.max())} is beyond the eval roles' {len(roles.is_query)} items"
+        )
+    is_query = roles.is_query.cpu().to(torch.bool)[ids]
+    is_gallery = roles.is_gallery.cpu().to(torch.bool)[ids]
+    categories = None if roles.categories is None else roles.categories.cpu()[ids][is_query]
+    return _Sets(
+        embeddings[is_query], labels[is_query], ids[is_query],
+        embeddings[is_gallery], labels[is_gallery], ids[is_gallery], categories,
+    )
+
+
+def _query_categories(sets: _Sets, roles: EvalRoles | None) -> dict[str, Tensor]:
+    """``{"<category name>/": (Q,) bool}`` the queries of each category (none without)."""
+    if roles is None or sets.query_categories is None:
+        return {}
+    names = roles.category_names
+    return {
+        f"{names[code] if 0 <= code < len(names) else code}/": sets.query_categories == code
+        for code in torch.unique(sets.query_categories).tolist()
+    }

@@ -24,9 +24,10 @@ builders.register_resolvers()
 def export(cfg: DictConfig) -> Path:
     if not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} is not a file")
-    loss = builders.build_loss(cfg)
-    datamodule = builders.build_datamodule(cfg, loss)
-    module = builders.build_module(cfg, loss)
+    encoder = builders.build_encoder(cfg)
+    loss = builders.build_loss(cfg, encoder)
+    datamodule = builders.build_datamodule(cfg, loss, encoder)
+    module = builders.build_module(cfg, loss, encoder)
     state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
     datamodule.setup("test")

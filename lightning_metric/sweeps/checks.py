@@ -120,9 +120,10 @@ def _problem_of(config: DictConfig, job: list[str]) -> str | None:
     except Exception as error:  # noqa: BLE001 - Hydra raises several kinds; all are reported
         return _composition_problem(config, job, error)
     try:
-        loss = builders.build_loss(job_config)
-        builders.build_datamodule(job_config, loss)
-        builders.build_module(job_config, loss)
+        encoder = builders.build_encoder(job_config)
+        loss = builders.build_loss(job_config, encoder)
+        builders.build_datamodule(job_config, loss, encoder)
+        builders.build_module(job_config, loss, encoder)
     except Exception as error:  # noqa: BLE001 - any constructor's complaint is the message
         return _first_lines(_root_cause(error))
     return None
