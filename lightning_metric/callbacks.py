@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from .data.roles import EvalRoles
 from .evaluation import RECALL_KS, RetrievalResults
-from .plot_worker import PlotWorker, shared_worker
+from .plot_worker import PlotWorker, draw_embeddings, shared_worker
 
 
 class ThroughputMonitor(pl.Callback):
@@ -76,7 +77,46 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class EmbeddingPlot(pl.Callback):
+class _PictureCallback(pl.Callback):
+    """Pictures drawn by a background process (or here), waited for and logged at teardown.
+
+    Subclasses call :meth:`_picture`; ``written`` lists every file written so far.
+    """
+
+    def __init__(self, background: bool, worker: PlotWorker | None):
+        self.background, self._worker = background, worker
+        self.written: list[Path] = []
+        self._pending: list[tuple[int, str, int]] = []   # (job id, logger key, step)
+
+    @property
+    def worker(self) -> PlotWorker:
+        if self._worker is None:
+            self._worker = shared_worker()
+        return self._worker
+
+    def _picture(self, trainer: pl.Trainer, key: str, function, *args, **kwargs) -> None:
+        """``function(*args, **kwargs)`` writes a picture (in the worker when ``background``);
+        it is logged under ``key`` at the current step, unless it is Markdown."""
+        if self.background:
+            job_id = self.worker.submit_call(function, *args, **kwargs)
+            self._pending.append((job_id, key, trainer.global_step))
+            return
+        path = Path(function(*args, **kwargs))
+        self.written.append(path)
+        _log_image(trainer, key, path, trainer.global_step)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Wait for this callback's pictures still being drawn, then log them."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        paths = self.worker.wait([job_id for job_id, _, _ in pending])
+        for path, (_, key, step) in zip(paths, pending, strict=True):
+            self.written.append(path)
+            _log_image(trainer, key, path, step)
+
+
+class EmbeddingPlot(_PictureCallback):
     """Saves a UMAP picture of the validation and/or test embeddings as a PNG in the run folder.
 
     The picture is also logged to W&B and TensorBoard when those loggers are active.
@@ -112,33 +152,15 @@ class EmbeddingPlot(pl.Callback):
                 f"every_n_epochs must be >= 0 and max_points >= 4, got {every_n_epochs} and "
                 f"{max_points}"
             )
+        super().__init__(background, worker)
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
         self.max_points, self.dirpath, self.seed = max_points, dirpath, seed
-        self.background, self._worker = background, worker
         self.collector = EmbeddingCollector()
-        self.written: list[Path] = []
-        self._pending: list[tuple[int, str, int]] = []   # (job id, logger key, step)
-
-    @property
-    def worker(self) -> PlotWorker:
-        if self._worker is None:
-            self._worker = shared_worker()
-        return self._worker
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.collector = self.collector.to(pl_module.device)
         if self.background and trainer.is_global_zero and (self.every_n_epochs or self.on_test):
             self.worker.start()   # UMAP compiles in the background while training runs
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Wait for this callback's pictures still being drawn, then log them."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        paths = self.worker.wait([job_id for job_id, _, _ in pending])
-        for path, (_, key, step) in zip(paths, pending, strict=True):
-            self.written.append(path)
-            _log_image(trainer, key, path, step)
 
     def _collect(self, outputs) -> None:
         if isinstance(outputs, dict) and "embeddings" in outputs:
@@ -180,21 +202,115 @@ class EmbeddingPlot(pl.Callback):
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "plots")
         options = {"class_names": class_names, "max_points": self.max_points, "seed": self.seed,
                    "title": f"{name} embeddings (UMAP)"}
-        key, path = f"embeddings/{name}", folder / f"{name}.png"
-        if self.background:
-            job_id = self.worker.submit(embeddings.cpu().numpy(), labels.cpu().numpy(), path,
-                                        **options)
-            self._pending.append((job_id, key, trainer.global_step))
-            return
-        from .plots import plot_embeddings
+        self._picture(trainer, f"embeddings/{name}", draw_embeddings,
+                      embeddings.cpu().numpy(), labels.cpu().numpy(),
+                      str(folder / f"{name}.png"), **options)
 
-        path = plot_embeddings(embeddings.cpu(), labels.cpu(), path, **options)
-        self.written.append(path)
-        _log_image(trainer, key, path, trainer.global_step)
+
+class RetrievalPictures(_PictureCallback):
+    """The queries the embedding gets most wrong, with their results, at each evaluation.
+
+    After each validation (every ``every_n_epochs``) and test, draws the ``num_queries``
+    queries with the lowest average precision at R, each with its first ``top_k``
+    results framed green (same label) or red (another label), then up to ``max_missed``
+    gallery items of its label that those missed (blue), into
+    ``<dirpath>/<stage>.png`` (``val_epoch_003.png``, ``test.png``), logged to W&B /
+    TensorBoard when active. Items are read from the data module's ``val_set`` /
+    ``test_set``; image tensors are drawn min-max scaled, and text items give a Markdown
+    table (``.md``) instead. The pictures read the search of the
+    :class:`RetrievalMetrics` callback of the same trainer (its ``last_results``: search
+    once, read many), which must be there; drawing runs in the background process of
+    :class:`EmbeddingPlot` unless ``background=False``. Rank 0 draws, under DDP too.
+
+    Args:
+        num_queries: worst queries drawn (rows).
+        top_k: results shown per query (at most ``RetrievalMetrics(top_k=...)``).
+        max_missed: missed items of the query's label shown per query.
+        every_n_epochs: draw the validation results every n epochs (0: never).
+        on_test: draw the test results.
+        dirpath: where the pictures go (default ``<trainer.default_root_dir>/pictures``).
+        background, worker: as :class:`EmbeddingPlot`'s.
+
+    Raises:
+        ValueError: a count below its minimum, naming it.
+    """
+
+    def __init__(self, num_queries: int = 8, top_k: int = 5, max_missed: int = 3,
+                 every_n_epochs: int = 1, on_test: bool = True, dirpath: str | None = None,
+                 background: bool = True, worker: PlotWorker | None = None):
+        for name, value, least in (("num_queries", num_queries, 1), ("top_k", top_k, 1),
+                                   ("max_missed", max_missed, 0),
+                                   ("every_n_epochs", every_n_epochs, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"RetrievalPictures: {name} must be an int >= {least}, "
+                                 f"got {value!r}")
+        super().__init__(background, worker)
+        self.num_queries, self.top_k, self.max_missed = num_queries, top_k, max_missed
+        self.every_n_epochs, self.on_test, self.dirpath = every_n_epochs, on_test, dirpath
+        self.drawn: dict[str, list] = {}   # picture name -> the QueryRows drawn
+        self._seen: dict[str, RetrievalResults] = {}   # the search each stage drew last
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not any(isinstance(c, RetrievalMetrics) for c in trainer.callbacks):
+            raise ValueError("RetrievalPictures reads the search of a RetrievalMetrics "
+                             "callback: add one to the trainer's callbacks")
+        if self.background and trainer.is_global_zero:
+            self.worker.start()
+
+    # after every callback's epoch end: RetrievalMetrics has searched, whatever the order
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (self.every_n_epochs and not trainer.sanity_checking
+                and (trainer.current_epoch + 1) % self.every_n_epochs == 0):
+            self._draw(trainer, "val", f"val_epoch_{trainer.current_epoch:03d}")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_test:
+            self._draw(trainer, "test", "test")
+
+    def _draw(self, trainer: pl.Trainer, stage: str, name: str) -> None:
+        from .pictures import draw_worst_queries, query_rows, write_worst_queries_markdown
+
+        metrics = next(c for c in trainer.callbacks if isinstance(c, RetrievalMetrics))
+        results = metrics.last_results.get(stage)
+        dataset = getattr(getattr(trainer, "datamodule", None), f"{stage}_set", None)
+        fresh = results is not None and results is not self._seen.get(stage)
+        if not trainer.is_global_zero or not fresh or dataset is None:
+            return
+        self._seen[stage] = results
+        kept = results.neighbours.shape[1]
+        rows = query_rows(results, self.num_queries, min(self.top_k, kept), self.max_missed)
+        if not rows:
+            return
+        self.drawn[name] = rows
+        class_names = tuple(getattr(trainer.datamodule, "class_names", ()) or ())
+        items = {i: dataset[i][0] for row in rows
+                 for i in (row.query, *row.retrieved, *row.missed[: self.max_missed])}
+        folder = Path(self.dirpath or Path(trainer.default_root_dir) / "pictures")
+        options = {"class_names": class_names, "max_missed": self.max_missed}
+        if all(isinstance(item, str) for item in items.values()):
+            self._picture(trainer, f"worst_queries/{name}", write_worst_queries_markdown,
+                          rows, items, str(folder / f"{name}.md"), **options)
+            return
+        images = {i: _display_array(item) for i, item in items.items()}
+        self._picture(trainer, f"worst_queries/{name}", draw_worst_queries, rows,
+                      images.__getitem__, str(folder / f"{name}.png"),
+                      title=f"{name}: worst queries (green right, red wrong, blue missed)",
+                      **options)
+
+
+def _display_array(item) -> numpy.ndarray:
+    """An image item as a uint8 ``(C, H, W)`` array, min-max scaled: small to send."""
+    image = torch.as_tensor(item).detach().float().cpu()
+    low, high = float(image.min()), float(image.max())
+    scaled = (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    return (scaled * 255).round().to(torch.uint8).numpy()
 
 
 def _log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
-    """Send the PNG to the W&B and TensorBoard loggers among the trainer's loggers."""
+    """Send the PNG to the W&B and TensorBoard loggers among the trainer's loggers (a
+    Markdown table stays a file)."""
+    if path.suffix != ".png":
+        return
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], step=step)

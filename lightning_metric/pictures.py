@@ -23,6 +23,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from .evaluation import RetrievalResults  # noqa: E402
+
 RIGHT, WRONG, MISSED = "#1a9641", "#d7191c", "#2b83ba"
 
 
@@ -57,6 +59,44 @@ def worst_queries(average_precision: Tensor, n: int) -> Tensor:
     valid = torch.nonzero(~torch.isnan(average_precision)).flatten()
     order = torch.argsort(average_precision[valid], stable=True)
     return valid[order[:n]]
+
+
+def query_rows(results: RetrievalResults, n: int, top_k: int = 5,
+               max_missed: int = 3) -> list[QueryRow]:
+    """The ``n`` worst queries of one search (lowest AP@R first) as :class:`QueryRow` s.
+
+    Item ids are ``results``' ids (dataset indices of the evaluation set in the metrics
+    callback; the rows of the query and reference sets without ids). ``missed`` lists, in
+    dataset order, up to ``max_missed`` reference items with the query's label (the query
+    itself excluded) that are not among its first ``top_k`` neighbours.
+
+    Raises:
+        ValueError: ``top_k`` above the neighbours the search kept.
+    """
+    if top_k > results.neighbours.shape[1]:
+        raise ValueError(
+            f"top_k={top_k} but the search kept {results.neighbours.shape[1]} neighbours a "
+            "query (RetrievalMetrics(top_k=...))")
+    query_ids = results.query_ids if results.query_ids is not None else torch.arange(
+        len(results.query_labels))
+    reference_ids = results.reference_ids if results.reference_ids is not None else (
+        torch.arange(len(results.reference_labels)))
+    neighbour_ids = results.neighbour_ids()
+    rows = []
+    for q in results.worst_queries(n).tolist():
+        found = neighbour_ids[q, :top_k]
+        kept = found >= 0
+        retrieved = found[kept]
+        label = int(results.query_labels[q])
+        same = (results.reference_labels == label) & (reference_ids != query_ids[q])
+        missed = reference_ids[same & ~torch.isin(reference_ids, retrieved)][:max_missed]
+        rows.append(QueryRow(
+            query=int(query_ids[q]), label=label,
+            average_precision=float(results.average_precision_at_r[q]),
+            retrieved=tuple(retrieved.tolist()),
+            relevant=tuple(results.is_relevant[q, :top_k][kept].tolist()),
+            missed=tuple(missed.tolist())))
+    return rows
 
 
 def _as_image(item: Tensor | np.ndarray) -> np.ndarray:
@@ -152,3 +192,12 @@ def worst_queries_markdown(
 
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def write_worst_queries_markdown(rows: Sequence[QueryRow], texts: dict[int, str], path: str,
+                                 class_names: Sequence[str] = (), max_missed: int = 3) -> Path:
+    """:func:`worst_queries_markdown` of ``texts`` (item id -> text) written to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(worst_queries_markdown(rows, texts.__getitem__, class_names, max_missed))
+    return path

@@ -17,6 +17,7 @@ import atexit
 import itertools
 import multiprocessing
 import queue
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,14 @@ PLOT_TIMEOUT_S = 600.0
 
 
 class PlotWorker:
-    """A background process that draws :func:`~lightning_metric.plots.plot_embeddings` PNGs.
+    """A background process that draws pictures: UMAP plots and any other picture function.
 
-    ``start()`` launches it (and its warm-up); ``submit(...)`` queues a picture and returns
-    its id at once; ``wait(ids)`` blocks until those pictures are written and returns their
-    paths. A picture that fails raises its error (a ``RuntimeError`` naming the file) in
-    ``wait``; a worker that died is restarted by the next ``submit``.
+    ``start()`` launches it (and its warm-up); ``submit(...)`` queues a UMAP picture
+    (:func:`~lightning_metric.plots.plot_embeddings`) and ``submit_call(function, ...)``
+    any picture function that returns the path it wrote; both return a job id at once.
+    ``wait(ids)`` blocks until those pictures are written and returns their paths. A
+    picture that fails raises its error (a ``RuntimeError`` naming the file) in ``wait``;
+    a worker that died is restarted by the next submit.
     """
 
     def __init__(self, warm_up: bool = True) -> None:
@@ -60,10 +63,18 @@ class PlotWorker:
                **options) -> int:
         """Queue a picture of ``embeddings`` ``(N, D)`` coloured by ``labels`` ``(N,)``;
         ``options`` are :func:`~lightning_metric.plots.plot_embeddings`'s."""
+        return self.submit_call(draw_embeddings, np.asarray(embeddings, dtype=np.float32),
+                                np.asarray(labels), str(path), **options)
+
+    def submit_call(self, function: Callable[..., str | Path], *args, **kwargs) -> int:
+        """Queue ``function(*args, **kwargs)``, a module-level function (the worker imports
+        it by name) that writes a picture and returns its path; arguments are pickled, so
+        send arrays, not tensors on a device. The path is the first argument that names a
+        file, or ``kwargs["path"]``, for the error message if it fails."""
         self.start()
         job_id = next(self._ids)
-        self._tasks.put((job_id, np.asarray(embeddings, dtype=np.float32),
-                         np.asarray(labels), str(path), options))
+        path = kwargs.get("path", next((a for a in args if isinstance(a, str | Path)), "?"))
+        self._tasks.put((job_id, function, args, kwargs, str(path)))
         return job_id
 
     def wait(self, ids: list[int], timeout: float = PLOT_TIMEOUT_S) -> list[Path]:
@@ -112,7 +123,7 @@ def _serve(tasks, results, warm_up: bool) -> None:
     """The worker's loop: warm UMAP up, then draw each picture sent until ``None``."""
     import torch
 
-    from .plots import plot_embeddings, umap_2d
+    from .plots import umap_2d
 
     torch.set_num_threads(1)   # leave the cores to training
     if warm_up:
@@ -121,10 +132,19 @@ def _serve(tasks, results, warm_up: bool) -> None:
         except Exception:  # noqa: BLE001 - a failed warm-up shows again on a real picture
             pass
     for task in iter(tasks.get, None):
-        job_id, embeddings, labels, path, options = task
+        job_id, function, args, kwargs, path = task
         try:
-            written = plot_embeddings(torch.from_numpy(embeddings), torch.from_numpy(labels),
-                                      path, **options)
-            results.put((job_id, str(written), None))
+            results.put((job_id, str(function(*args, **kwargs)), None))
         except Exception as error:  # noqa: BLE001 - reported to the caller by wait()
             results.put((job_id, path, f"{type(error).__name__}: {error}"))
+
+
+def draw_embeddings(embeddings: np.ndarray, labels: np.ndarray, path: str,
+                    **options) -> Path:
+    """:func:`~lightning_metric.plots.plot_embeddings` on arrays (what the worker is sent)."""
+    import torch
+
+    from .plots import plot_embeddings
+
+    return plot_embeddings(torch.from_numpy(embeddings), torch.from_numpy(labels), path,
+                           **options)

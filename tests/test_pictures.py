@@ -2,9 +2,17 @@
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_metric import losses
+from lightning_metric.callbacks import RetrievalMetrics, RetrievalPictures
+from lightning_metric.data import DigitsDataModule, IndexedDataset
+from lightning_metric.encoders import MLP
+from lightning_metric.module import MetricLearningModule
 from lightning_metric.pictures import (
     MISSED,
     RIGHT,
@@ -53,4 +61,74 @@ def test_markdown_marks_right_and_wrong_and_escapes_pipes():
     texts = ["a | query", "wrong one", "right one", "missed one"]
     table = worst_queries_markdown(rows, texts.__getitem__, class_names=["x", "cats"])
     line = table.splitlines()[2]
-    assert line.startswith("| a \\| query | cats | 0.25 | ✗ wrong one<br>✓ right one | missed one |")
+    assert line == "| a \\| query | cats | 0.25 | ✗ wrong one<br>✓ right one | missed one |"
+
+
+# -- the callback, through a real Trainer -------------------------------------------------------
+
+
+class _HandMade(pl.LightningDataModule):
+    """2x2 one-channel images whose flattened pixels are the embeddings: label 0 near the
+    first axis, label 1 near the second, and item 3 (label 0) among the label-1 items."""
+
+    def setup(self, stage=None):
+        pixels = torch.tensor([
+            [1.0, 0.0, 0.0, 0.0], [1.0, 0.1, 0.0, 0.0], [1.0, 0.0, 0.1, 0.0],
+            [0.05, 1.0, 0.0, 0.0],
+            [0.0, 1.0, 0.1, 0.0], [0.0, 1.0, 0.0, 0.2], [0.1, 1.0, 0.0, 0.0],
+        ])
+        self.val_set = self.test_set = TensorDataset(
+            pixels.reshape(-1, 1, 2, 2), torch.tensor([0, 0, 0, 0, 1, 1, 1]))
+        self.class_names = ("zero", "one")
+
+    def val_dataloader(self):
+        return DataLoader(IndexedDataset(self.val_set), batch_size=3)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_the_query_whose_neighbours_are_all_wrong_is_drawn_first(tmp_path, background):
+    pictures = RetrievalPictures(num_queries=2, top_k=3, background=background)
+    module = MetricLearningModule(nn.Flatten(), losses.ContrastiveLoss())
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[pictures, RetrievalMetrics(k=None, top_k=5)])
+    trainer.test(module, datamodule=_HandMade(), verbose=False)
+    first = pictures.drawn["test"][0]
+    assert first.query == 3 and first.label == 0
+    assert first.retrieved == (6, 4, 5) and first.relevant == (False, False, False)
+    assert first.missed == (0, 1, 2)
+    assert [p.name for p in pictures.written] == ["test.png"]
+    pixels = np.asarray(Image.open(pictures.written[0]).convert("RGB"))
+    assert pixels.shape[0] > 150 and pixels.std() > 20
+    assert _has_colour(pixels, WRONG) and _has_colour(pixels, MISSED)
+
+
+def test_digits_training_writes_a_picture_every_validation_and_at_test(tmp_path):
+    datamodule = DigitsDataModule(batch_size=64, m_per_class=8, eval_batch_size=200)
+    pictures = RetrievalPictures(every_n_epochs=1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         limit_train_batches=3, callbacks=[RetrievalMetrics(), pictures])
+    module = MetricLearningModule(MLP(64, 8), losses.TripletMarginLoss())
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    assert [p.name for p in pictures.written] == ["val_epoch_000.png", "val_epoch_001.png",
+                                                   "test.png"]
+    assert all(p.parent == tmp_path / "pictures" for p in pictures.written)
+    rows = pictures.drawn["test"]
+    assert len(rows) == 8
+    ap = [row.average_precision for row in rows]
+    assert ap == sorted(ap)
+
+
+def test_pictures_need_the_metrics_callback_and_sane_counts(tmp_path):
+    with pytest.raises(ValueError, match="top_k"):
+        RetrievalPictures(top_k=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, callbacks=[RetrievalPictures()])
+    with pytest.raises(ValueError, match="RetrievalMetrics"):
+        trainer.test(MetricLearningModule(nn.Flatten(), losses.ContrastiveLoss()),
+                     datamodule=_HandMade(), verbose=False)
