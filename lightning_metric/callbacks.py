@@ -124,6 +124,9 @@ class EmbeddingPlot(_PictureCallback):
     ``{"embeddings", "labels"}`` (``MetricLearningModule`` does, with ``"indices"``).
     Under DDP the embeddings of every process are gathered (in dataset order when the
     step returns ``"indices"``) and the picture is drawn and written once, by rank 0.
+    The legend names the data module's ``class_names``; when its ``eval_roles(stage)``
+    has a separate gallery, queries are circles and gallery items crosses, and when it
+    has categories, the points are coloured by category instead of class.
 
     By default the pictures are drawn off the training path, by a background process
     (:mod:`lightning_metric.plot_worker`) that starts compiling UMAP when the trainer sets
@@ -183,15 +186,15 @@ class EmbeddingPlot(_PictureCallback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._plots_validation(trainer):
-            self._plot(trainer, f"val_epoch_{trainer.current_epoch:03d}")
+            self._plot(trainer, "val", f"val_epoch_{trainer.current_epoch:03d}")
         self.collector.reset()
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         if self.on_test:
-            self._plot(trainer, "test")
+            self._plot(trainer, "test", "test")
         self.collector.reset()
 
-    def _plot(self, trainer: pl.Trainer, name: str) -> None:
+    def _plot(self, trainer: pl.Trainer, stage: str, name: str) -> None:
         if not self.collector.update_called:
             return
         embeddings, labels = self.collector.compute()   # every rank: a collective under DDP
@@ -201,10 +204,26 @@ class EmbeddingPlot(_PictureCallback):
         class_names = getattr(datamodule, "class_names", None) or None
         folder = Path(self.dirpath or Path(trainer.default_root_dir) / "plots")
         options = {"class_names": class_names, "max_points": self.max_points, "seed": self.seed,
-                   "title": f"{name} embeddings (UMAP)"}
+                   "title": f"{name} embeddings (UMAP)",
+                   **_role_options(trainer, stage, len(labels))}
         self._picture(trainer, f"embeddings/{name}", draw_embeddings,
                       embeddings.cpu().numpy(), labels.cpu().numpy(),
                       str(folder / f"{name}.png"), **options)
+
+
+def _role_options(trainer: pl.Trainer, stage: str, count: int) -> dict:
+    """``is_query`` (a separate gallery) and ``categories`` for the plot, from the data's
+    roles of ``stage``; none when it has none or they do not cover the ``count`` items."""
+    roles = _eval_roles(trainer, stage)
+    if roles is None or len(roles.is_query) != count:
+        return {}
+    options = {}
+    if roles.separate_gallery:
+        options["is_query"] = roles.is_query.cpu().numpy()
+    if roles.categories is not None:
+        options["categories"] = roles.categories.cpu().numpy()
+        options["category_names"] = tuple(roles.category_names)
+    return options
 
 
 class RetrievalPictures(_PictureCallback):

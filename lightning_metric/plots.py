@@ -41,30 +41,41 @@ def plot_embeddings(
     max_points: int = 5000,
     seed: int = 0,
     title: str = "",
+    is_query: Tensor | np.ndarray | None = None,
+    categories: Tensor | np.ndarray | None = None,
+    category_names: Sequence[str] = (),
 ) -> Path:
     """Write a PNG of the UMAP projection of up to ``max_points`` embeddings ``(N, D)``.
 
-    Points are coloured by ``labels`` ``(N,)``; the legend names each class
-    (``class_names[label]`` when given). Returns the written path.
+    Points are coloured by ``labels`` ``(N,)``, the legend naming each class
+    (``class_names[label]`` when given), or by ``categories`` ``(N,)`` when given (named by
+    ``category_names``): the view of data with many classes and a few categories. With
+    ``is_query`` ``(N,)`` bool (data with a separate gallery), queries are drawn as
+    circles and gallery items as crosses. Returns the written path.
+
+    Raises:
+        ValueError: shapes that do not match, or fewer than 4 points.
     """
-    if embeddings.ndim != 2 or len(embeddings) != len(labels):
+    n = len(labels)
+    if embeddings.ndim != 2 or len(embeddings) != n:
         raise ValueError(
             f"embeddings must be (N, D) with N == len(labels), got {tuple(embeddings.shape)} "
-            f"and {len(labels)} labels"
+            f"and {n} labels"
         )
-    if len(embeddings) < 4:
-        raise ValueError(f"a UMAP plot needs at least 4 points, got {len(embeddings)}")
-    keep = fixed_subset(len(embeddings), max_points, seed)
+    for name, values in (("is_query", is_query), ("categories", categories)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{name} must have one value per embedding ({n}), got {len(values)}")
+    if n < 4:
+        raise ValueError(f"a UMAP plot needs at least 4 points, got {n}")
+    keep = fixed_subset(n, max_points, seed)
     points = umap_2d(embeddings[keep].detach().float().cpu().numpy(), seed)
-    kept_labels = labels[keep].cpu().numpy()
+    if categories is not None:
+        colour_ids, names = np.asarray(categories)[keep.numpy()], category_names
+    else:
+        colour_ids, names = labels[keep].cpu().numpy(), class_names
+    queries = None if is_query is None else np.asarray(is_query, dtype=bool)[keep.numpy()]
     figure, axes = plt.subplots(figsize=(7, 6), dpi=100)
-    colours = plt.get_cmap("tab20" if len(np.unique(kept_labels)) > 10 else "tab10")
-    for i, label in enumerate(np.unique(kept_labels)):
-        chosen = kept_labels == label
-        name = class_names[label] if class_names is not None and label < len(class_names) else label
-        axes.scatter(points[chosen, 0], points[chosen, 1], s=4, color=colours(i % colours.N),
-                     label=str(name))
-    axes.legend(markerscale=3, fontsize=7, loc="best")
+    _scatter(axes, points, colour_ids, names, queries)
     axes.set_title(title or f"UMAP of {len(keep)} embeddings")
     axes.set_xticks([])
     axes.set_yticks([])
@@ -73,3 +84,22 @@ def plot_embeddings(
     figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def _scatter(axes, points: np.ndarray, colour_ids: np.ndarray, names: Sequence[str] | None,
+             queries: np.ndarray | None) -> None:
+    """One colour per id (named in the legend); circles for queries, crosses for gallery."""
+    values = np.unique(colour_ids)
+    colours = plt.get_cmap("tab20" if len(values) > 10 else "tab10")
+    shapes = [("o", np.ones(len(points), dtype=bool), "")]
+    if queries is not None:
+        shapes = [("o", queries, " (query)"), ("x", ~queries, " (gallery)")]
+    for i, value in enumerate(values):
+        name = names[value] if names is not None and 0 <= value < len(names) else value
+        for marker, members, suffix in shapes:
+            chosen = (colour_ids == value) & members
+            if chosen.any():
+                axes.scatter(points[chosen, 0], points[chosen, 1], s=4 if marker == "o" else 8,
+                             marker=marker, color=colours(i % colours.N),
+                             label=f"{name}{suffix}", linewidths=0.6)
+    axes.legend(markerscale=3, fontsize=7, loc="best")
