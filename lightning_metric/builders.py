@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from .data.image_folder import folder_class_names
+from .data.manifest import manifest_class_names
 from .losses.registry import entry_for, resolve_sampler
 from .module import FINE_TUNING_DEFAULTS, MetricLearningModule
 from .transforms import build_transforms
@@ -27,9 +29,16 @@ _MOVED_TO_MODULE = ("gradient_clip_val", "accumulate_grad_batches")
 
 
 def register_resolvers() -> None:
-    """``${train_classes:N,protocol}``, ``${mul:a,b}`` and ``${wandb_offline:}`` for the configs."""
+    """Resolvers of the configs: ``${train_classes:N,protocol}`` (classes trained on),
+    ``${folder_classes:root,protocol}`` / ``${manifest_classes:path,protocol}`` (the same,
+    counted from an image folder's class folders or a manifest's labels, no image opened),
+    ``${mul:a,b}`` and ``${wandb_offline:}``."""
     resolvers = {
         "train_classes": _train_classes,
+        "folder_classes": lambda root, protocol: _train_classes(
+            len(folder_class_names(root)), protocol),
+        "manifest_classes": lambda path, protocol: _train_classes(
+            len(manifest_class_names(path)), protocol),
         "mul": lambda a, b: int(a) * int(b),
         "wandb_offline": lambda: not os.environ.get("WANDB_API_KEY"),
     }
@@ -89,13 +98,14 @@ def _needs_encoder(cfg: DictConfig) -> bool:
 
 def data_inputs(cfg: DictConfig, encoder: nn.Module) -> dict[str, Any]:
     """What the data module gets from the encoder: ``train_transform``/``eval_transform``
-    (when ``cfg.transform`` is set, sized by the encoder's pretrained config), and
+    (when ``cfg.transform`` is set and the encoder reads images, sized by its pretrained
+    config), and
     ``tokenizer``/``max_length`` (when the encoder has a ``.tokenizer``)."""
     inputs: dict[str, Any] = {}
-    if cfg.get("transform") is not None:
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if cfg.get("transform") is not None and tokenizer is None:  # text needs no image pipeline
         settings = OmegaConf.to_container(cfg.transform, resolve=True)
         inputs["train_transform"], inputs["eval_transform"] = build_transforms(settings, encoder)
-    tokenizer = getattr(encoder, "tokenizer", None)
     if tokenizer is not None:
         inputs["tokenizer"] = tokenizer
         inputs["max_length"] = cfg.model.get("max_length", getattr(encoder, "max_length", 128))

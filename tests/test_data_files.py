@@ -510,9 +510,13 @@ def test_the_image_folder_config_trains_with_a_class_weight_loss(flat, tmp_path)
     from lightning_metric import builders
 
     builders.register_resolvers()
+    # data.num_classes comes from the class folders (${folder_classes:...}); transform=default
+    # comes with data=image_folder, sized here for small_cnn (no pretrained config)
     cfg = _compose("data=image_folder", f"data.root={flat[0]}", "data.image_size=8",
-                   "data.num_classes=4", "loss=arcface", "sampler=class",
+                   "loss=arcface", "sampler=class", "transform.image_size=8",
+                   "transform.mean=[0,0,0]", "transform.std=[1,1,1]",
                    f"trainer.default_root_dir={tmp_path}")
+    assert cfg.data.num_classes == 4 and cfg.transform.augment
     datamodule, module, trainer = builders.build_run(cfg)
     assert isinstance(datamodule, ImageFolderDataModule) and module.loss.num_classes == 4
     assert datamodule.num_workers == 0 and datamodule.image_size == 8
@@ -526,7 +530,7 @@ def test_the_image_folder_config_trains_with_a_class_weight_loss(flat, tmp_path)
     assert saved["ImageFolderDataModule"] == {"class_names": ["cat", "dog", "emu", "fox"]}
     with pytest.raises(InstantiationException, match="data.num_classes=3, but ImageFolder"):
         builders.build_datamodule(_compose("data=image_folder", f"data.root={flat[0]}",
-                                           "data.num_classes=3"), module.loss)
+                                           "data.num_classes=3", "~transform"), module.loss)
 
 
 def test_the_manifest_config_builds_its_data_module(tmp_path):

@@ -35,8 +35,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 from ..samplers import ClassBalancedBatchSampler, RandomBatchSampler
+from .in_memory import batched_view, collate_batches
 from .indexed import IndexedDataset
 from .roles import EvalRoles
+from .views import MultiViewDataset, collate_views
 
 PROTOCOLS = ("standard", "class_disjoint")
 SAMPLERS = ("class", "random")
@@ -100,6 +102,11 @@ class LabelledDataModule(pl.LightningDataModule):
         max_length: tokens kept per text (longer ones are truncated).
         pin_memory: pin the batches' memory; None: when the trainer runs on a GPU.
         persistent_workers: keep the loader workers between epochs (when ``num_workers > 0``).
+        views: 2 or more: self-supervised training (:mod:`~lightning_metric.data.views`):
+            each training batch holds ``batch_size / views`` random items, each as ``views``
+            augmentations labelled by the item's index (its class label unused; the
+            ``sampler`` setting too); in-memory images are augmented by
+            ``train_transform``, which must then be given. Evaluation is unchanged.
 
     Raises:
         ValueError: a setting out of range, named ``data.<setting>`` with its value.
@@ -129,8 +136,14 @@ class LabelledDataModule(pl.LightningDataModule):
         max_length: int = 128,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        views: int = 1,
     ):
         super().__init__()
+        if views < 1 or (views > 1 and batch_size % views):
+            raise ValueError(
+                f"data.views must be >= 1 and divide data.batch_size ({batch_size}), got {views}")
+        if views > 1 and tokenizer is not None:
+            raise ValueError(f"data.views={views}: views are augmentations of images, not texts")
         if sampler not in SAMPLERS:
             raise ValueError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
         if protocol not in PROTOCOLS:
@@ -159,6 +172,7 @@ class LabelledDataModule(pl.LightningDataModule):
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.tokenizer, self.max_length = tokenizer, max_length
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.views = views
         self.train_set = self.val_set = self.test_set = None
         self.split_rows: dict[str, Tensor] = {}
         self.split_origin: dict[str, str] = {}
@@ -360,10 +374,12 @@ class LabelledDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() before train_labels()")
         return self._train_labels
 
-    def _batch_sampler(self):
+    def _replicas_and_rank(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
-        replicas = trainer.world_size if trainer is not None else 1
-        rank = trainer.global_rank if trainer is not None else 0
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _batch_sampler(self):
+        replicas, rank = self._replicas_and_rank()
         if self.sampler == "class":
             return ClassBalancedBatchSampler(
                 self.train_labels(), self.batch_size, self.m_per_class,
@@ -389,8 +405,35 @@ class LabelledDataModule(pl.LightningDataModule):
         return options
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_sampler=self._batch_sampler(),
-                          **self._loader_options())
+        if self.views > 1:
+            return self._multi_view_loader()
+        dataset, options = self._fetched_by_batch(self.train_set, with_index=False)
+        return DataLoader(dataset, batch_sampler=self._batch_sampler(), **options)
+
+    def _multi_view_loader(self) -> DataLoader:
+        """Random items, each as ``views`` augmentations sharing the item's index as label."""
+        if not self.reads_files and self.train_transform is None:
+            raise ValueError(
+                f"data.views={self.views} needs augmentations of the in-memory images: set "
+                "transform=default (with small_cnn also transform.image_size, transform.mean "
+                "and transform.std, e.g. 28, [0.0], [1.0])")
+        transform = None if self.reads_files else self.train_transform
+        replicas, rank = self._replicas_and_rank()
+        sampler = RandomBatchSampler(
+            len(self.train_set), self.batch_size // self.views, drop_last=self.drop_last,
+            seed=self.seed, num_replicas=replicas, rank=rank)
+        return DataLoader(MultiViewDataset(self.train_set, self.views, transform),
+                          batch_sampler=sampler,
+                          **{**self._loader_options(), "collate_fn": collate_views})
+
+    def _fetched_by_batch(self, dataset, with_index: bool) -> tuple[Any, dict[str, Any]]:
+        """In-memory tensors: a view that fetches a whole batch with one index per tensor
+        (:mod:`~lightning_metric.data.in_memory`); other data sets as they are."""
+        options = self._loader_options()
+        view = None if "collate_fn" in options else batched_view(dataset, with_index)
+        if view is None:
+            return (IndexedDataset(dataset) if with_index else dataset), options
+        return view, {**options, "collate_fn": collate_batches}
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
@@ -411,8 +454,8 @@ class LabelledDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             sampler = DistributedSampler(dataset, num_replicas=trainer.world_size,
                                          rank=trainer.global_rank, shuffle=False)
-        return DataLoader(IndexedDataset(dataset), batch_size=self.eval_batch_size,
-                          sampler=sampler, **self._loader_options())
+        dataset, options = self._fetched_by_batch(dataset, with_index=True)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **options)
 
 
 def stratified_cut(labels: Tensor, candidates: Tensor, fraction: float, seed: int) -> Tensor:

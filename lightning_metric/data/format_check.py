@@ -167,7 +167,8 @@ def _record_lines(path: Path, sep: str) -> list[int]:
 
 
 def parse_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None,
-                   check_files: bool = True, num_threads: int | None = None) -> Manifest:
+                   check_files: bool = True, num_threads: int | None = None,
+                   require_label: bool = True) -> Manifest:
     """Read a manifest and check every cell (and, with ``check_files``, every image file).
 
     Args:
@@ -176,6 +177,9 @@ def parse_manifest(path: str | os.PathLike, root: str | os.PathLike | None = Non
         check_files: open every image (its header: size and ``PIL`` verify) for missing or
             unreadable files and crop boxes outside the image.
         num_threads: threads reading image headers (default: up to 8).
+        require_label: a missing ``label`` column or an empty label is a problem (training,
+            evaluation). False (embedding new items): the column may be absent and cells
+            empty; ``labels`` then holds None for every unlabelled item.
 
     Returns:
         The parsed manifest, its problems in ``.problems`` (pair checks excluded: see
@@ -191,13 +195,16 @@ def parse_manifest(path: str | os.PathLike, root: str | os.PathLike | None = Non
     table, lines, unit = read_table(path)
     manifest = Manifest(path, Path(root) if root is not None else path.parent, unit, lines,
                         [str(c) for c in table.columns])
-    manifest.readable = _check_columns(manifest)
+    manifest.readable = _check_columns(manifest, require_label)
     if not manifest.readable:
         return manifest
     if not len(table):
         manifest.problem(None, None, "the manifest has no items")
     cells = {name: [cell(v) for v in table[name].tolist()] for name in manifest.columns}
-    manifest.labels = _required(manifest, cells["label"], "label", "empty label")
+    if require_label:
+        manifest.labels = _required(manifest, cells["label"], "label", "empty label")
+    else:
+        manifest.labels = cells.get("label", [None] * len(lines))
     if manifest.kind == "text":
         manifest.texts = _required(manifest, cells["text"], "text", "empty text")
     else:
@@ -219,10 +226,12 @@ def parse_manifest(path: str | os.PathLike, root: str | os.PathLike | None = Non
     return manifest
 
 
-def _check_columns(manifest: Manifest) -> bool:
-    """Header problems; False when rows cannot be read (no label, path or text column)."""
+def _check_columns(manifest: Manifest, require_label: bool = True) -> bool:
+    """Header problems; False when rows cannot be read (no label (if required), path or text
+    column)."""
     found = ", ".join(manifest.columns) or "none"
-    if "label" not in manifest.columns:
+    has_label = "label" in manifest.columns or not require_label
+    if not has_label:
         manifest.problem(None, "label", f"missing required column 'label' (columns found: {found})")
     items = [name for name in ITEM_COLUMNS if name in manifest.columns]
     if len(items) == 2:
@@ -238,7 +247,7 @@ def _check_columns(manifest: Manifest) -> bool:
         missing = [name for name in BOX_COLUMNS if name not in boxes]
         manifest.problem(None, missing[0], f"crop boxes need all of {list(BOX_COLUMNS)}; "
                          f"missing {missing}")
-    return "label" in manifest.columns and manifest.kind is not None and (
+    return has_label and manifest.kind is not None and (
         not boxes or len(boxes) == len(BOX_COLUMNS))
 
 
