@@ -1,0 +1,65 @@
+"""Self-supervised two-view data: each item as augmented views sharing an instance label."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torchvision.transforms import v2
+
+from lightning_metric import losses
+from lightning_metric.data import DigitsDataModule
+from lightning_metric.data.views import MultiViewDataset, collate_views
+from lightning_metric.encoders import MLP
+from lightning_metric.module import MetricLearningModule
+
+AUGMENT = v2.Compose([v2.RandomResizedCrop(8, scale=(0.5, 1.0), antialias=True),
+                      v2.RandomHorizontalFlip()])
+
+
+def test_views_of_an_item_differ_and_share_its_index_as_label():
+    items = torch.utils.data.TensorDataset(torch.rand(5, 1, 8, 8), torch.zeros(5))
+    views = MultiViewDataset(items, views=3, transform=AUGMENT)
+    torch.manual_seed(0)
+    inputs, labels = collate_views([views[4], views[1]])
+    assert inputs.shape == (6, 1, 8, 8)
+    assert labels.tolist() == [4, 4, 4, 1, 1, 1]
+    assert not torch.equal(inputs[0], inputs[1])   # two random augmentations of item 4
+    with pytest.raises(ValueError, match="views must be >= 2"):
+        MultiViewDataset(items, views=1)
+
+
+class BatchLabels(pl.Callback):
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((batch[0].shape, batch[1].clone()))
+
+
+def test_two_view_training_batches_hold_each_instance_twice_through_a_trainer():
+    pl.seed_everything(0)
+    data = DigitsDataModule(batch_size=64, views=2, train_transform=AUGMENT, sampler="class")
+    recorder = BatchLabels()
+    module = MetricLearningModule(MLP(64, 16), losses.NTXentLoss(temperature=0.5))
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, limit_val_batches=0,
+                         enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(module, datamodule=data)
+    n = len(data.train_set)
+    assert len(recorder.batches) == 2 * -(-n // 32)          # every item once an epoch
+    seen = torch.cat([labels for _, labels in recorder.batches[: -(-n // 32)]])
+    assert sorted(seen.unique().tolist()) == list(range(n))   # instance labels: item indices
+    for shape, labels in recorder.batches:
+        assert shape[1:] == (1, 8, 8) and shape[0] == len(labels)
+        assert (labels.bincount()[labels.unique()] == 2).all()
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+
+
+def test_bad_view_settings_name_themselves():
+    with pytest.raises(ValueError, match="data.views must be >= 1 and divide data.batch_size"):
+        DigitsDataModule(batch_size=64, views=3)
+    with pytest.raises(ValueError, match="views are augmentations of images"):
+        DigitsDataModule(views=2, tokenizer=object())
+    data = DigitsDataModule(views=2)
+    data.setup()
+    with pytest.raises(ValueError, match="transform=default"):
+        data.train_dataloader()
