@@ -273,8 +273,7 @@ class RetrievalPictures(_PictureCallback):
         if not any(isinstance(c, RetrievalMetrics) for c in trainer.callbacks):
             raise ValueError("RetrievalPictures reads the search of a RetrievalMetrics "
                              "callback: add one to the trainer's callbacks")
-        if self.background and trainer.is_global_zero:
-            self.worker.start()
+        # the worker starts with the first picture: a run that draws none leaves it off
 
     # after every callback's epoch end: RetrievalMetrics has searched, whatever the order
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

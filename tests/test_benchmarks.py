@@ -1,4 +1,4 @@
-"""Smoke test: `python -m benchmarks.train_quality` runs the recipe and the plain loop."""
+"""Smoke tests: the benchmarks run both sides (recipe and plain loop) and print their tables."""
 
 import os
 import subprocess
@@ -23,3 +23,19 @@ def test_train_quality_runs_both_sides_and_prints_the_table():
     assert len(cells) == 11
     assert all(float(cell) > 0 for cell in cells[4:]), row  # no NaN: every metric was found
     assert any("recipe at least as good as plain?" in line for line in lines)
+
+
+def test_data_throughput_runs_both_sides_and_prints_the_table():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.data_throughput", "--images", "60", "--epochs", "1",
+         "--repeats", "1", "--workers", "0", "--image-size", "32"],
+        cwd=REPO, env={**os.environ, "LIGHTNING_METRIC_DATA": str(SHARED_DATA)},
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("  run 1 (recipe first): recipe ") for line in lines), done.stdout
+    row = next(line for line in lines if line.startswith("| 60 | 32 | jpg | 0 | 1 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 10
+    assert all(float(cell) > 0 for cell in cells[-3:]), row
