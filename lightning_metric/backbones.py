@@ -237,6 +237,8 @@ class HFTextEncoder(_PretrainedEncoder):
                 "Offline, give a local folder holding config.json, the weights and the "
                 "tokenizer files."
             ) from error
+        # transformers hands the model over in eval mode; a new nn.Module trains (dropout on)
+        self.backbone.train()
         self.name, self.pooling, self.max_length = name, pooling, max_length
         self._make_head(self.backbone.config.hidden_size, embedding_size, normalize)
 

