@@ -83,6 +83,8 @@ class _PictureCallback(pl.Callback):
     Subclasses call :meth:`_picture`; ``written`` lists every file written so far.
     """
 
+    needs_umap = False   # the worker compiles UMAP when this callback starts it
+
     def __init__(self, background: bool, worker: PlotWorker | None):
         self.background, self._worker = background, worker
         self.written: list[Path] = []
@@ -98,6 +100,7 @@ class _PictureCallback(pl.Callback):
         """``function(*args, **kwargs)`` writes a picture (in the worker when ``background``);
         it is logged under ``key`` at the current step, unless it is Markdown."""
         if self.background:
+            self.worker.start(warm_up=self.needs_umap)   # no-op when already running
             job_id = self.worker.submit_call(function, *args, **kwargs)
             self._pending.append((job_id, key, trainer.global_step))
             return
@@ -159,6 +162,7 @@ class EmbeddingPlot(_PictureCallback):
         self.every_n_epochs, self.on_test = every_n_epochs, on_test
         self.max_points, self.dirpath, self.seed = max_points, dirpath, seed
         self.collector = EmbeddingCollector()
+        self.needs_umap = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.collector = self.collector.to(pl_module.device)
@@ -238,8 +242,9 @@ class RetrievalPictures(_PictureCallback):
     ``test_set``; image tensors are drawn min-max scaled, and text items give a Markdown
     table (``.md``) instead. The pictures read the search of the
     :class:`RetrievalMetrics` callback of the same trainer (its ``last_results``: search
-    once, read many), which must be there; drawing runs in the background process of
-    :class:`EmbeddingPlot` unless ``background=False``. Rank 0 draws, under DDP too.
+    once, read many), which must be there. A picture takes about 50 ms (PIL), so it is
+    drawn here by default; ``background=True`` sends it to the process of
+    :class:`EmbeddingPlot`. Rank 0 draws, under DDP too.
 
     Args:
         num_queries: worst queries drawn (rows).
@@ -256,7 +261,7 @@ class RetrievalPictures(_PictureCallback):
 
     def __init__(self, num_queries: int = 8, top_k: int = 5, max_missed: int = 3,
                  every_n_epochs: int = 1, on_test: bool = True, dirpath: str | None = None,
-                 background: bool = True, worker: PlotWorker | None = None):
+                 background: bool = False, worker: PlotWorker | None = None):
         for name, value, least in (("num_queries", num_queries, 1), ("top_k", top_k, 1),
                                    ("max_missed", max_missed, 0),
                                    ("every_n_epochs", every_n_epochs, 0)):

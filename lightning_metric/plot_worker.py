@@ -49,13 +49,16 @@ class PlotWorker:
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
 
-    def start(self) -> None:
-        """Launch the process (no-op when running); it compiles UMAP straight away."""
+    def start(self, warm_up: bool | None = None) -> None:
+        """Launch the process (no-op when running); it compiles UMAP straight away unless
+        ``warm_up`` (default: the worker's own setting) is False: a worker started for
+        other pictures compiles UMAP only if it is sent a UMAP picture."""
         if self.alive:
             return
+        warm_up = self.warm_up if warm_up is None else warm_up
         self._tasks, self._results = self._context.Queue(), self._context.Queue()
         self._process = self._context.Process(
-            target=_serve, args=(self._tasks, self._results, self.warm_up),
+            target=_serve, args=(self._tasks, self._results, warm_up),
             name="lightning-metric-plots", daemon=True)
         self._process.start()
 
