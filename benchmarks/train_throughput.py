@@ -46,7 +46,9 @@ def recipe_throughput(data: str, subset: int | None, epochs: int) -> float:
              f"data={data}", *options, f"data.batch_size={BATCH}",
              f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu",
              "trainer.limit_val_batches=0", "test=false", "logger=none",
-             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+             "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+             # no UMAP worker compiling beside the training (test=false draws nothing)
+             "callbacks.embedding_plot.on_test=false"],
             cwd=REPO, env={**os.environ, "LIGHTNING_METRIC_DATA": str(DATA)}, check=True,
             capture_output=True,
         )
