@@ -43,10 +43,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .data.format_check import BOX_COLUMNS, Manifest, parse_manifest, raise_problems, read_table
-from .data.items import ImageFiles, TextCollate, TextItems
+from .data.items import TextCollate
+from .data.manifest import manifest_dataset
 from .module import MetricLearningModule
 
 METRICS = ("cosine", "euclidean")
@@ -365,18 +366,6 @@ def class_ids(labels: Sequence[str | None], class_names: Sequence[str]) -> Tenso
     ids = {name: index for index, name in enumerate(class_names)}
     return torch.tensor([ids.get(label, -1) if label is not None else -1 for label in labels],
                         dtype=torch.long)
-
-
-def manifest_dataset(manifest: Manifest, labels: Tensor, transform: Any = None) -> Dataset:
-    """Every row of ``manifest`` as ``(input, label)``, in its order: the image (cropped,
-    then ``transform``; None: float in [0, 1]) or the text."""
-    if manifest.kind == "text":
-        return TextItems(manifest.texts, labels)
-    boxes = None
-    if manifest.boxes is not None:
-        nan = (float("nan"),) * 4
-        boxes = torch.tensor([box or nan for box in manifest.boxes], dtype=torch.float64)
-    return ImageFiles([str(path) for path in manifest.paths], labels, transform, boxes)
 
 
 def predict_manifest(

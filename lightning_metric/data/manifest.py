@@ -117,7 +117,7 @@ class ManifestDataModule(LabelledDataModule):
         if not (split == TEST).any():
             split[self._test_cut(labels, split)] = TEST
             self.split_origin["test"] = f"cut by data.test_fraction={self.test_fraction}"
-        return Items(labels, split, *(self._dataset(manifest, labels, transform)
+        return Items(labels, split, *(manifest_dataset(manifest, labels, transform)
                                       for transform in (self.train_transform,
                                                         self.eval_transform)))
 
@@ -126,15 +126,6 @@ class ManifestDataModule(LabelledDataModule):
         if self.protocol == "class_disjoint":
             candidates = candidates[labels[candidates] >= self.num_classes]
         return stratified_cut(labels, candidates, self.test_fraction, self.split_seed)
-
-    def _dataset(self, manifest: Manifest, labels: Tensor, transform: Callable | None):
-        if self.kind == "text":
-            return TextItems(manifest.texts, labels)
-        boxes = None
-        if manifest.boxes is not None:
-            nan = (float("nan"),) * 4
-            boxes = torch.tensor([box or nan for box in manifest.boxes], dtype=torch.float64)
-        return ImageFiles([str(path) for path in manifest.paths], labels, transform, boxes)
 
     def collate_fn(self) -> Callable | None:
         return TextCollate(self.tokenizer, self.max_length) if self.kind == "text" else None
@@ -193,6 +184,19 @@ class ManifestDataModule(LabelledDataModule):
         ids = {name: index for index, name in enumerate(names)}
         categories = torch.tensor([ids[manifest.categories[row]] for row in rows])
         return EvalRoles(is_query, is_gallery, categories, names)
+
+
+def manifest_dataset(manifest: Manifest, labels: Tensor,
+                     transform: Callable | None = None) -> ImageFiles | TextItems:
+    """Every row of ``manifest`` as ``(input, label)``, in its order: the image (cropped to
+    its box, then ``transform``; None: float in [0, 1]) or the text."""
+    if manifest.kind == "text":
+        return TextItems(manifest.texts, labels)
+    boxes = None
+    if manifest.boxes is not None:
+        nan = (float("nan"),) * 4
+        boxes = torch.tensor([box or nan for box in manifest.boxes], dtype=torch.float64)
+    return ImageFiles([str(path) for path in manifest.paths], labels, transform, boxes)
 
 
 def manifest_class_names(path: str | os.PathLike) -> tuple[str, ...]:
