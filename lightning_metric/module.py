@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .backbones import batchnorm_eval
 from .losses.base import BaseMetricLoss
+from .losses.registry import EMBEDDINGS_ONLY, LABELLED, TWO_VIEWS, entry_for
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -130,6 +131,7 @@ class MetricLearningModule(pl.LightningModule):
         _check_fine_tuning(encoder, freeze_backbone_epochs, backbone_lr_multiplier,
                            freeze_batchnorm)
         self.automatic_optimization = False
+        self.loss_inputs = _loss_inputs(loss, miner)
         self.encoder, self.loss, self.miner = encoder, loss, _hand_to_loss(miner, loss)
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.loss_optimizer_factory = loss_optimizer
@@ -220,15 +222,22 @@ class MetricLearningModule(pl.LightningModule):
     # -- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, labels = batch
-        embeddings = self(inputs)
-        indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
-        loss = self.loss(embeddings, labels, indices_tuple)
+        loss = self._training_loss(self(inputs), labels)
         self._stop_if_not_finite(loss, batch_idx)
         self.manual_backward(loss / self.accumulate_grad_batches)
         if self._is_step_batch(batch_idx):
             self._step_optimizers()
         self._log_train_loss(loss.detach(), len(labels))
         return loss.detach()
+
+    def _training_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss called as its inputs kind needs (see :func:`_loss_inputs`)."""
+        if self.loss_inputs == TWO_VIEWS:
+            return self.loss(*split_views(embeddings, labels, self.loss))
+        if self.loss_inputs == EMBEDDINGS_ONLY:
+            return self.loss(embeddings)
+        indices_tuple = None if self.miner is None else self.miner(embeddings, labels)
+        return self.loss(embeddings, labels, indices_tuple)
 
     def _log_train_loss(self, loss: Tensor, batch_size: int) -> None:
         """``train/loss_step`` where it is read, ``train/loss_epoch`` (item mean) at epoch end.
@@ -328,7 +337,10 @@ class MetricLearningModule(pl.LightningModule):
         return outputs
 
     def _loss_knows(self, labels: Tensor) -> bool:
-        """False where the labels are not the loss's classes (class-disjoint evaluation)."""
+        """False where the labels are not the loss's classes (class-disjoint evaluation) or
+        the loss takes no labels (two views, embeddings alone)."""
+        if self.loss_inputs != LABELLED:
+            return False
         num_classes = getattr(self.loss, "num_classes", None)
         return num_classes is None or int(labels.max()) < num_classes
 
@@ -343,6 +355,48 @@ class MetricLearningModule(pl.LightningModule):
             value = torch.stack(self._eval_losses).mean()
             self.log(f"{stage}/loss", value, prog_bar=stage == "val", sync_dist=True)
         self._eval_losses.clear()
+
+
+def _loss_inputs(loss: nn.Module, miner: nn.Module | None) -> str:
+    """How the training step calls ``loss``: the registry's ``inputs``; for a loss outside the
+    registry its ``loss_inputs`` attribute (``"two_views"``, ``"embeddings"``), else
+    ``labelled``.
+
+    Raises:
+        ValueError: a loss on paired fields (query-document, image-text), or a miner with a
+            loss that takes no labels.
+    """
+    entry = entry_for(loss)
+    inputs = getattr(loss, "loss_inputs", LABELLED) if entry is None else entry.inputs
+    if inputs not in (LABELLED, TWO_VIEWS, EMBEDDINGS_ONLY):
+        raise ValueError(
+            f"{type(loss).__name__} takes {inputs!r} batches, not (x, label) batches: "
+            "MetricLearningModule trains labelled, two-view and embeddings-only losses"
+        )
+    if miner is not None and inputs != LABELLED:
+        raise ValueError(
+            f"{type(loss).__name__} takes no labels ({inputs}), so a miner has nothing to "
+            "mine: drop the miner"
+        )
+    return inputs
+
+
+def split_views(embeddings: Tensor, instances: Tensor, loss: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(B * 2, D)`` embeddings of two views an item, next to each other (``data.views=2``)
+    -> the first and the second views, ``(B, D)`` each.
+
+    Raises:
+        ValueError: the batch is not pairs of views of one instance (``instances[0::2]``
+            differs from ``instances[1::2]``): the data was not built with ``data.views=2``.
+    """
+    pairs = len(instances) % 2 == 0 and torch.equal(instances[0::2], instances[1::2])
+    if not pairs:
+        raise ValueError(
+            f"{type(loss).__name__} takes two views of each item: train it on data.views=2 "
+            f"batches (views of an item next to each other), got labels {instances[:8].tolist()}"
+            f"{'...' if len(instances) > 8 else ''}"
+        )
+    return embeddings[0::2], embeddings[1::2]
 
 
 def _hand_to_loss(miner: nn.Module | None, loss: nn.Module) -> nn.Module | None:

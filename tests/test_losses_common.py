@@ -8,15 +8,25 @@ from hydra.utils import instantiate
 from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
-from lightning_metric import builders
+from lightning_metric import builders, losses
 from lightning_metric.losses.registry import LOSSES, get_entry, resolve_sampler
 
 NAMES = sorted(LOSSES)
+LABELLED = [n for n in NAMES if LOSSES[n].inputs == "labelled"]
 CLASSES, DIM = 4, 8
+
+# Losses whose constructor is not (num_classes, embedding_size) nor () (PML's signatures).
+MAKERS = {
+    "manifold": lambda: losses.ManifoldLoss(l=DIM, K=CLASSES),
+    "p2sgrad": lambda: losses.P2SGradLoss(descriptors_dim=DIM, num_classes=CLASSES),
+    "self_supervised": lambda: losses.SelfSupervisedLoss(losses.NTXentLoss()),
+}
 
 
 def make(name: str) -> nn.Module:
     entry = LOSSES[name]
+    if name in MAKERS:
+        return MAKERS[name]()
     if entry.learnable:
         return entry.loss_class(num_classes=CLASSES, embedding_size=DIM)
     return entry.loss_class()
@@ -28,6 +38,16 @@ def batch(dtype=torch.float32, seed=0):
     return embeddings, torch.arange(CLASSES).repeat_interleave(4)
 
 
+def call(name: str, loss_fn: nn.Module, embeddings, labels):
+    """The loss on a batch, called the way its registry entry says (two views: the halves)."""
+    inputs = LOSSES[name].inputs
+    if inputs == "two_views":
+        return loss_fn(embeddings[: len(embeddings) // 2], embeddings[len(embeddings) // 2 :])
+    if inputs == "embeddings":
+        return loss_fn(embeddings)
+    return loss_fn(embeddings, labels)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_every_loss_config_instantiates_its_class(name):
     builders.register_resolvers()
@@ -35,7 +55,9 @@ def test_every_loss_config_instantiates_its_class(name):
         cfg = compose("train", overrides=[f"loss={name}"])
     loss = instantiate(cfg.loss)
     assert type(loss) is LOSSES[name].loss_class
-    if LOSSES[name].learnable:
+    if name == "manifold":
+        assert loss.l == cfg.model.embedding_size
+    elif LOSSES[name].learnable:
         assert loss.num_classes == 10 and loss.embedding_size == cfg.model.embedding_size
 
 
@@ -44,7 +66,7 @@ def test_every_loss_config_instantiates_its_class(name):
 def test_half_precision_gives_finite_values_and_gradients(name, dtype):
     loss_fn = make(name)
     embeddings, labels = batch(dtype)
-    value = loss_fn(embeddings, labels)
+    value = call(name, loss_fn, embeddings, labels)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(embeddings.grad).all()
     assert all(p.dtype == torch.float32 for p in loss_fn.parameters())
@@ -55,7 +77,7 @@ def test_autocast_bf16_with_an_encoder_gives_finite_gradients(name):
     encoder, loss_fn = nn.Linear(DIM, DIM), make(name)
     inputs, labels = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        value = loss_fn(encoder(inputs.detach()), labels)
+        value = call(name, loss_fn, encoder(inputs.detach()), labels)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(encoder.weight.grad).all()
     for param in loss_fn.parameters():
@@ -78,9 +100,11 @@ def test_a_batch_without_positive_pairs_matches_pml_and_backpropagates(name):
         assert torch.equal(embeddings.grad, torch.zeros_like(embeddings))
 
 
-# NCA and FastAP use an indices tuple as per-item weights, where an empty one means "all".
+# NCA and FastAP use an indices tuple as per-item weights, where an empty one means "all";
+# InstanceLoss refuses any indices tuple, as PML's does.
 @pytest.mark.parametrize(
-    "name", [n for n in NAMES if LOSSES[n].contrastive and n not in ("nca", "fast_ap")]
+    "name",
+    [n for n in NAMES if LOSSES[n].contrastive and n not in ("nca", "fast_ap", "instance")],
 )
 def test_empty_indices_tuple_gives_a_zero_that_backpropagates(name):
     embeddings, labels = batch()
@@ -91,7 +115,7 @@ def test_empty_indices_tuple_gives_a_zero_that_backpropagates(name):
     assert torch.equal(embeddings.grad, torch.zeros_like(embeddings))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LABELLED)
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -100,6 +124,23 @@ def test_empty_indices_tuple_gives_a_zero_that_backpropagates(name):
     ],
 )
 def test_bad_input_is_a_clear_value_error(name, args, message):
+    with pytest.raises(ValueError, match=message):
+        make(name)(*args)
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "message"),
+    [
+        ("self_supervised", (torch.randn(16), torch.randn(16)), "2-D"),
+        ("self_supervised", (torch.randn(16, DIM), torch.randn(15, DIM)), "same length"),
+        ("vicreg", (torch.randn(16), torch.randn(16)), "2-D"),
+        ("vicreg", (torch.randn(16, DIM), torch.randn(15, DIM)), "same length"),
+        ("manifold", (torch.randn(16),), "2-D"),
+        ("manifold", (torch.randn(16, DIM + 1),), f"l={DIM}"),
+        ("manifold", (torch.randn(16, DIM), torch.zeros(16, dtype=torch.long)), "no labels"),
+    ],
+)
+def test_bad_input_of_losses_without_labels_is_a_clear_value_error(name, args, message):
     with pytest.raises(ValueError, match=message):
         make(name)(*args)
 

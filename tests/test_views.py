@@ -9,6 +9,7 @@ from lightning_metric import losses
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.data.views import MultiViewDataset, collate_views
 from lightning_metric.encoders import MLP
+from lightning_metric.miners import MultiSimilarityMiner
 from lightning_metric.module import MetricLearningModule
 
 AUGMENT = v2.Compose([v2.RandomResizedCrop(8, scale=(0.5, 1.0), antialias=True),
@@ -63,3 +64,51 @@ def test_bad_view_settings_name_themselves():
     data.setup()
     with pytest.raises(ValueError, match="transform=default"):
         data.train_dataloader()
+
+
+class ViewsSeen(torch.nn.Module):
+    """A two-view loss of the user's own (not in the registry): records what it is given."""
+
+    loss_inputs = "two_views"
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.calls = losses.VICRegLoss(), []
+
+    def forward(self, embeddings, ref_emb):
+        self.calls.append((embeddings.detach().clone(), ref_emb.detach().clone()))
+        return self.inner(embeddings, ref_emb)
+
+
+@pytest.mark.parametrize("loss", [losses.VICRegLoss(),
+                                  losses.SelfSupervisedLoss(losses.NTXentLoss(0.5))])
+def test_two_view_losses_train_on_views_batches_through_a_trainer(loss):
+    pl.seed_everything(0)
+    data = DigitsDataModule(batch_size=64, views=2, train_transform=AUGMENT, subset=200)
+    module = MetricLearningModule(MLP(64, 16), loss)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    before = [p.detach().clone() for p in module.encoder.parameters()]
+    trainer.fit(module, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
+    assert "val/loss" not in trainer.callback_metrics          # no labels to give it
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.encoder.parameters(), strict=True))
+
+
+def test_the_module_hands_a_two_view_loss_the_first_and_second_views():
+    spy = ViewsSeen()
+    module = MetricLearningModule(torch.nn.Identity(), spy)
+    embeddings = torch.arange(12.0).view(6, 2)
+    module._training_loss(embeddings, torch.tensor([7, 7, 3, 3, 5, 5]))
+    first, second = spy.calls[0]
+    assert first.tolist() == [[0, 1], [4, 5], [8, 9]]
+    assert second.tolist() == [[2, 3], [6, 7], [10, 11]]
+
+
+def test_a_two_view_loss_on_labelled_batches_says_it_needs_views():
+    module = MetricLearningModule(torch.nn.Identity(), losses.VICRegLoss())
+    with pytest.raises(ValueError, match=r"two views of each item: train it on data.views=2"):
+        module._training_loss(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="a miner has nothing to mine"):
+        MetricLearningModule(torch.nn.Identity(), losses.VICRegLoss(),
+                             miner=MultiSimilarityMiner())

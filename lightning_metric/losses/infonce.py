@@ -30,9 +30,10 @@ from .base import BaseMetricLoss, LocalAnchors, exclude_self, self_index_of
 
 
 def similarity_logits(
-    distance: BaseDistance, query: Tensor, ref: Tensor | None, scale: float
+    distance: BaseDistance, query: Tensor, ref: Tensor | None, scale: float | Tensor
 ) -> Tensor:
-    """``distance(query, ref)`` in "larger is closer" units (distances negated), times ``scale``.
+    """``distance(query, ref)`` in "larger is closer" units (distances negated), times ``scale``
+    (a number, or a 0-d tensor such as CLIP's learnable scale, which then gets a gradient).
 
     Half-precision matrices (from autocast) are computed on in float32. The raw matrix
     is not kept: only the scaled one lives on.

@@ -18,6 +18,16 @@ from torch import nn
 CLASS_SAMPLER = "class"
 RANDOM_SAMPLER = "random"
 SAMPLER_CHOICES = ("auto", CLASS_SAMPLER, RANDOM_SAMPLER)
+LABELLED = "labelled"
+TWO_VIEWS = "two_views"
+EMBEDDINGS_ONLY = "embeddings"
+# Batches of paired fields, one (B, D) embedding per field (see PAIR_LOSSES):
+PAIR = "pair"  # loss(query, doc, *hard_negatives)
+PAIR_SCORE = "pair_score"  # loss(a, b, scores), scores (B,) in [0, 1]
+PAIR_TARGET = "pair_target"  # loss(a, b, target), target (B,) in {1, -1}
+TRIPLET = "triplet"  # loss(query, pos, neg)
+TRIPLET_MARGIN = "triplet_margin"  # loss(query, pos, neg, teacher_margin), margin (B,)
+IMAGE_TEXT = "image_text"  # loss(image, text)
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,12 @@ class LossEntry:
     """True when the loss has parameters of its own that a loss optimizer must step."""
     contrastive: bool
     """True when the loss compares items of a batch with each other (needs class batches)."""
+    inputs: str = LABELLED
+    """How it is called: ``labelled`` ``loss(embeddings, labels)``, ``two_views``
+    ``loss(embeddings, ref_emb)`` (two views of the same items, no labels) or ``embeddings``
+    ``loss(embeddings)`` (no labels); for :data:`PAIR_LOSSES` a paired batch shape
+    (``pair``, ``pair_score``, ``pair_target``, ``triplet``, ``triplet_margin``,
+    ``image_text``: see the constants above)."""
 
     @property
     def loss_class(self) -> type[nn.Module]:
@@ -43,8 +59,12 @@ class LossEntry:
         return CLASS_SAMPLER if self.contrastive else RANDOM_SAMPLER
 
 
-def _entries(contrastive: bool, learnable: bool, table: dict[str, str]) -> dict[str, LossEntry]:
-    return {name: LossEntry(name, path, learnable, contrastive) for name, path in table.items()}
+def _entries(
+    contrastive: bool, learnable: bool, table: dict[str, str], inputs: str = LABELLED
+) -> dict[str, LossEntry]:
+    return {
+        name: LossEntry(name, path, learnable, contrastive, inputs) for name, path in table.items()
+    }
 
 
 LOSSES: dict[str, LossEntry] = {
@@ -76,20 +96,58 @@ LOSSES: dict[str, LossEntry] = {
         "proxy_anchor": "proxy:ProxyAnchorLoss",
         "proxy_nca": "proxy:ProxyNCALoss",
         "soft_triple": "proxy:SoftTripleLoss",
+        "p2sgrad": "p2sgrad:P2SGradLoss",
+    }),
+    **_entries(contrastive=True, learnable=False, table={
+        "histogram": "histogram:HistogramLoss",
+        "instance": "instance:InstanceLoss",
+    }),
+    # Two views of each item, no labels: the batch is random items (each its own class).
+    **_entries(contrastive=False, learnable=False, inputs=TWO_VIEWS, table={
+        "self_supervised": "self_supervised:SelfSupervisedLoss",
+        "vicreg": "self_supervised:VICRegLoss",
+    }),
+    # No labels: each embedding's proxy (meta-class) is drawn or given as indices_tuple.
+    **_entries(contrastive=False, learnable=True, inputs=EMBEDDINGS_ONLY, table={
+        "manifold": "manifold:ManifoldLoss",
+    }),
+}
+
+# Losses on paired fields (query-document, image-text), no labels: ``inputs`` names the
+# batch shape. A table of their own: the labelled losses' tests call every entry of LOSSES.
+PAIR_LOSSES: dict[str, LossEntry] = {
+    **_entries(contrastive=False, learnable=False, inputs=PAIR, table={
+        "mnrl": "query_document:MultipleNegativesRankingLoss",
+    }),
+    **_entries(contrastive=False, learnable=False, inputs=PAIR_SCORE, table={
+        "cosine_similarity": "query_document:CosineSimilarityLoss",
+    }),
+    **_entries(contrastive=False, learnable=False, inputs=PAIR_TARGET, table={
+        "cosine_embedding": "query_document:CosineEmbeddingLoss",
+    }),
+    **_entries(contrastive=False, learnable=False, inputs=TRIPLET, table={
+        "margin_ranking": "query_document:MarginRankingLoss",
+    }),
+    **_entries(contrastive=False, learnable=False, inputs=TRIPLET_MARGIN, table={
+        "margin_mse": "query_document:MarginMSELoss",
+    }),
+    **_entries(contrastive=False, learnable=True, inputs=IMAGE_TEXT, table={
+        "clip": "clip:CLIPLoss",
     }),
 }
 
 
 def get_entry(name: str) -> LossEntry:
     """The registry entry for a config name; a ValueError lists the known names."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}: expected one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    known = {**LOSSES, **PAIR_LOSSES}
+    if name not in known:
+        raise ValueError(f"unknown loss {name!r}: expected one of {sorted(known)}")
+    return known[name]
 
 
 def entry_for(loss: nn.Module) -> LossEntry | None:
     """The entry whose class ``loss`` is an instance of (None for a loss not in the table)."""
-    for entry in LOSSES.values():
+    for entry in (*LOSSES.values(), *PAIR_LOSSES.values()):
         if type(loss) is entry.loss_class:
             return entry
     return None
