@@ -92,7 +92,8 @@ def test_two_view_losses_train_on_views_batches_through_a_trainer(loss):
     trainer.fit(module, datamodule=data)
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     assert "val/loss" not in trainer.callback_metrics          # no labels to give it
-    assert any(not torch.equal(a, b) for a, b in zip(before, module.encoder.parameters(), strict=True))
+    after = module.encoder.parameters()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_the_module_hands_a_two_view_loss_the_first_and_second_views():
