@@ -99,11 +99,12 @@ def _needs_encoder(cfg: DictConfig) -> bool:
 def data_inputs(cfg: DictConfig, encoder: nn.Module) -> dict[str, Any]:
     """What the data module gets from the encoder: ``train_transform``/``eval_transform``
     (when ``cfg.transform`` is set and the encoder reads images, sized by its pretrained
-    config), and
-    ``tokenizer``/``max_length`` (when the encoder has a ``.tokenizer``)."""
+    config: an encoder with a tokenizer reads only texts unless it says ``reads_images``),
+    and ``tokenizer``/``max_length`` (when the encoder has a ``.tokenizer``)."""
     inputs: dict[str, Any] = {}
     tokenizer = getattr(encoder, "tokenizer", None)
-    if cfg.get("transform") is not None and tokenizer is None:  # text needs no image pipeline
+    reads_images = getattr(encoder, "reads_images", tokenizer is None)  # two towers: both
+    if cfg.get("transform") is not None and reads_images:
         settings = OmegaConf.to_container(cfg.transform, resolve=True)
         inputs["train_transform"], inputs["eval_transform"] = build_transforms(settings, encoder)
     if tokenizer is not None:

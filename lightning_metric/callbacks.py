@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -471,3 +472,59 @@ def _eval_roles(trainer: pl.Trainer, stage: str) -> EvalRoles | None:
     datamodule = getattr(trainer, "datamodule", None)
     eval_roles = getattr(datamodule, "eval_roles", None)
     return None if eval_roles is None else eval_roles(stage)
+
+
+class SimilarityCorrelation(pl.Callback):
+    """Logs ``<stage>/spearman`` and ``<stage>/pearson``: how the model's similarity of each
+    evaluation pair follows its gold score.
+
+    For data with a target (STS-B's 0-5 similarity, pairs labelled 1/-1, MarginMSE's
+    teacher margins) the module's ``validation_step`` / ``test_step`` return
+    ``{"similarity": (B,), "target": (B,)}``: the cosine similarity of each pair's two
+    embeddings (for triplets, ``cos(query, pos) - cos(query, neg)``). The correlations over
+    the whole split, in [-1, 1], are those sentence-transformers'
+    ``EmbeddingSimilarityEvaluator`` reports (Spearman's rank correlation is the STS
+    benchmark's standard metric: Cer et al., SemEval-2017 Task 1). Computed by
+    torchmetrics, which gathers every rank's pairs under DDP. Batches without
+    ``"similarity"`` (retrieval items) are left to
+    :class:`RetrievalMetrics`.
+    """
+
+    def __init__(self):
+        from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+
+        with warnings.catch_warnings():  # that it keeps every pair: evaluation sets are small
+            warnings.filterwarnings("ignore", message=".*will save all targets and predictions")
+            self.metrics = {"spearman": SpearmanCorrCoef(), "pearson": PearsonCorrCoef()}
+        self._updated = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.metrics = {name: metric.to(pl_module.device) for name, metric in self.metrics.items()}
+
+    def _update(self, outputs) -> None:
+        if isinstance(outputs, dict) and "similarity" in outputs:
+            for metric in self.metrics.values():
+                metric.update(outputs["similarity"].float(), outputs["target"].float())
+            self._updated = True
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        self._update(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                          dataloader_idx=0) -> None:
+        self._update(outputs)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._log(pl_module, "test")
+
+    def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._updated:
+            return
+        for name, metric in self.metrics.items():
+            pl_module.log(f"{stage}/{name}", metric.compute())
+            metric.reset()
+        self._updated = False

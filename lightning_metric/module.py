@@ -45,6 +45,15 @@ from torch import Tensor, nn
 from .backbones import batchnorm_eval
 from .losses.base import BaseMetricLoss
 from .losses.registry import EMBEDDINGS_ONLY, LABELLED, TWO_VIEWS, entry_for
+from .paired import (
+    PAIR_SHAPES,
+    check_paired_batch,
+    embed_fields,
+    is_paired,
+    loss_arguments,
+    paired_batch_size,
+    predicted_similarity,
+)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -220,18 +229,37 @@ class MetricLearningModule(pl.LightningModule):
         return partial(type(optimizer), **options)
 
     # -- training -------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        inputs, labels = batch
-        loss = self._training_loss(self(inputs), labels)
+    def training_step(self, batch: tuple[Tensor, Tensor] | dict, batch_idx: int) -> Tensor:
+        if is_paired(batch):
+            loss, batch_size = self._paired_loss(batch), paired_batch_size(batch)
+        else:
+            inputs, labels = batch
+            loss, batch_size = self._training_loss(self(inputs), labels), len(labels)
         self._stop_if_not_finite(loss, batch_idx)
         self.manual_backward(loss / self.accumulate_grad_batches)
         if self._is_step_batch(batch_idx):
             self._step_optimizers()
-        self._log_train_loss(loss.detach(), len(labels))
+        self._log_train_loss(loss.detach(), batch_size)
         return loss.detach()
+
+    def _paired_loss(self, batch: dict) -> Tensor:
+        """A paired loss on the embeddings of each field of the batch, then its target."""
+        if self.loss_inputs not in PAIR_SHAPES:
+            raise ValueError(
+                f"{type(self.loss).__name__} takes (x, label) batches ({self.loss_inputs}), "
+                "got a batch of paired fields: pick a loss for pairs (mnrl, cosine_similarity, "
+                "margin_mse, clip, ...) or a labelled data set"
+            )
+        check_paired_batch(self.loss_inputs, type(self.loss).__name__, batch)
+        return self.loss(*loss_arguments(embed_fields(self, batch), batch))
 
     def _training_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The loss called as its inputs kind needs (see :func:`_loss_inputs`)."""
+        if self.loss_inputs in PAIR_SHAPES:
+            raise ValueError(
+                f"{type(self.loss).__name__} takes batches of paired fields "
+                f"({self.loss_inputs}), got (x, label) batches: use data=pairs"
+            )
         if self.loss_inputs == TWO_VIEWS:
             return self.loss(*split_views(embeddings, labels, self.loss))
         if self.loss_inputs == EMBEDDINGS_ONLY:
@@ -326,15 +354,35 @@ class MetricLearningModule(pl.LightningModule):
             outputs["indices"] = rest[0]
         return outputs
 
-    def _eval_step(self, batch: tuple[Tensor, ...]) -> dict[str, Tensor]:
+    def _eval_step(self, batch: tuple[Tensor, ...] | dict) -> dict[str, Tensor]:
         """Embeds the batch; callbacks (plots, metrics) receive the returned embeddings
-        (with the items' dataset indices, when the batch carries them: exact under DDP)."""
+        (with the items' dataset indices, when the batch carries them: exact under DDP).
+        A paired batch with a target gives ``{"similarity", "target"}`` instead (see
+        :meth:`_paired_eval_step`)."""
+        if is_paired(batch):
+            return self._paired_eval_step(batch)
         outputs = self._embedded(batch)
         if self._loss_knows(outputs["labels"]):
             with buffers_restored(self.loss):
                 loss = self.loss(outputs["embeddings"], outputs["labels"])
                 self._eval_losses.append(loss.detach().float())
         return outputs
+
+    def _paired_eval_step(self, batch: dict) -> dict[str, Tensor]:
+        """``{"similarity": (B,), "target": (B,)}`` of a paired batch with a target (for
+        :class:`~lightning_metric.callbacks.SimilarityCorrelation`); its loss joins
+        ``<stage>/loss`` when the loss takes such batches."""
+        if batch.get("target") is None:
+            raise ValueError(
+                "evaluation batches of paired fields need a target (a score to correlate "
+                "with); pairs without one are evaluated as query/gallery retrieval items")
+        embeddings = embed_fields(self, batch)
+        if self.loss_inputs in PAIR_SHAPES:
+            check_paired_batch(self.loss_inputs, type(self.loss).__name__, batch)
+            with buffers_restored(self.loss):
+                loss = self.loss(*loss_arguments(embeddings, batch))
+                self._eval_losses.append(loss.detach().float())
+        return {"similarity": predicted_similarity(embeddings), "target": batch["target"]}
 
     def _loss_knows(self, labels: Tensor) -> bool:
         """False where the labels are not the loss's classes (class-disjoint evaluation) or
@@ -363,16 +411,14 @@ def _loss_inputs(loss: nn.Module, miner: nn.Module | None) -> str:
     ``labelled``.
 
     Raises:
-        ValueError: a loss on paired fields (query-document, image-text), or a miner with a
-            loss that takes no labels.
+        ValueError: an unknown ``loss_inputs``, or a miner with a loss that takes no labels.
     """
     entry = entry_for(loss)
     inputs = getattr(loss, "loss_inputs", LABELLED) if entry is None else entry.inputs
-    if inputs not in (LABELLED, TWO_VIEWS, EMBEDDINGS_ONLY):
+    known = (LABELLED, TWO_VIEWS, EMBEDDINGS_ONLY, *PAIR_SHAPES)
+    if inputs not in known:
         raise ValueError(
-            f"{type(loss).__name__} takes {inputs!r} batches, not (x, label) batches: "
-            "MetricLearningModule trains labelled, two-view and embeddings-only losses"
-        )
+            f"{type(loss).__name__}.loss_inputs={inputs!r}: expected one of {list(known)}")
     if miner is not None and inputs != LABELLED:
         raise ValueError(
             f"{type(loss).__name__} takes no labels ({inputs}), so a miner has nothing to "

@@ -1,6 +1,7 @@
-"""Batch samplers: class-balanced (P classes x K items) and random.
+"""Batch samplers: class-balanced (P classes x K items), random, and random without
+duplicate keys in a batch (query-document and image-text rows).
 
-Both are ``torch.utils.data.Sampler`` objects that yield lists of dataset
+All are ``torch.utils.data.Sampler`` objects that yield lists of dataset
 indices (pass them as ``batch_sampler=``). Randomness comes from a
 ``torch.Generator`` seeded from ``(seed, epoch)``, never from the process-wide
 generator, so a run is reproducible and every epoch gets a new shuffle. Under
@@ -32,7 +33,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections import Counter
+from collections.abc import Hashable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -285,3 +288,158 @@ class RandomBatchSampler(_DistributedBatches):
             if not self.drop_last:
                 batches[-1] += last
         return batches
+
+
+class NoDuplicatesBatchSampler(_DistributedBatches):
+    """Random batches in which no key appears twice: in-batch negatives really are negatives.
+
+    Each row has one or more keys (the texts and image paths of a query-document row, or a
+    class label); a batch never holds two rows sharing a key, across fields too (the text of
+    one row's query is another row's document: a false negative). As sentence-transformers'
+    ``NoDuplicatesBatchSampler``, rows are taken in a fresh random order and a row whose key
+    is already in a batch waits for a later one; unlike it, every epoch has the same number
+    of batches (what Lightning counts once, before the first epoch): ``ceil(N / batch_size)``,
+    all full but the last (``floor`` with ``drop_last``), and a row left over at the end is
+    swapped into place with a row of a full batch. Every row is in one batch an epoch
+    (unless ``drop_last`` drops the last, short batch's rows).
+
+    Under DDP ``batch_size`` is the global batch: rank ``r`` of ``W`` gets its items
+    ``r, r + W, ...``; a last batch too small to give every rank an item is joined to the
+    one before it, as :class:`RandomBatchSampler` does.
+
+    Args:
+        keys: the keys of every row: a hashable (one key: a text, a label) or a tuple / list /
+            set of hashables (several). A 1-D tensor of labels works too.
+        batch_size: rows per (global) batch.
+        drop_last: drop the last, short batch.
+        seed: with the epoch, seeds the order.
+        num_replicas, rank: the ranks sharing each batch and this one's place; default:
+            the initialised ``torch.distributed`` group's (1 and 0 without one).
+
+    Raises:
+        ValueError: a non-positive size; a key in more rows than an epoch has batches (it
+            cannot be kept once a batch: e.g. labels as keys with fewer classes than
+            ``batch_size``), naming the key; (when iterating) fewer rows a batch than ranks.
+
+    Example::
+
+        >>> keys = list(zip(queries, documents))   # the texts of every row
+        >>> sampler = NoDuplicatesBatchSampler(keys, batch_size=32)
+        >>> loader = DataLoader(dataset, batch_sampler=sampler)
+    """
+
+    def __init__(
+        self,
+        keys: Sequence[Hashable] | Sequence[Sequence[Hashable]] | Tensor,
+        batch_size: int,
+        drop_last: bool = False,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ):
+        super().__init__(seed, num_replicas, rank)
+        rows = keys.tolist() if isinstance(keys, Tensor) else list(keys)
+        if batch_size < 1 or not rows:
+            raise ValueError(
+                f"batch_size ({batch_size}) and the number of rows ({len(rows)}) must be positive"
+            )
+        ids: dict[Hashable, int] = {}
+        self.keys = [
+            frozenset(ids.setdefault(key, len(ids)) for key in _row_keys(row)) for row in rows
+        ]
+        self._key_names = list(ids)
+        self.num_items, self.batch_size, self.drop_last = len(rows), batch_size, drop_last
+        counts = Counter(key for row in self.keys for key in row)
+        key, most = counts.most_common(1)[0]
+        batches = self.num_global_batches()
+        if most > batches and batches > 1:
+            raise ValueError(
+                f"the key {_shown(self._key_names[key])} is in {most} rows, more than the "
+                f"{batches} batches of an epoch ({self.num_items} rows, batch_size="
+                f"{batch_size}): no batching keeps it once a batch; lower batch_size or use "
+                "random batches"
+            )
+
+    def check_shareable(self, num_replicas: int) -> None:
+        if min(self.batch_size, self.num_items) < num_replicas:
+            raise ValueError(
+                f"batches of {min(self.batch_size, self.num_items)} items cannot be shared by "
+                f"{num_replicas} devices (batch_size is the global batch)"
+            )
+
+    def _capacities(self) -> list[int]:
+        """The size of every batch of an epoch (the same every epoch)."""
+        full, rest = divmod(self.num_items, self.batch_size)
+        if not full:
+            return [rest]
+        if self.drop_last or not rest:
+            return [self.batch_size] * full
+        if rest < self.num_replicas:  # joined to the batch before it
+            return [self.batch_size] * (full - 1) + [self.batch_size + rest]
+        return [self.batch_size] * full + [rest]
+
+    def num_global_batches(self) -> int:
+        return len(self._capacities())
+
+    def global_batches(self, generator: torch.Generator) -> list[list[int]]:
+        capacities = self._capacities()
+        batches: list[list[int]] = [[] for _ in capacities]
+        taken: list[set[int]] = [set() for _ in capacities]
+        first_open, left_over = 0, []
+        for row in torch.randperm(self.num_items, generator=generator).tolist():
+            keys = self.keys[row]
+            for index in range(first_open, len(capacities)):
+                if len(batches[index]) < capacities[index] and taken[index].isdisjoint(keys):
+                    batches[index].append(row)
+                    taken[index] |= keys
+                    break
+            else:
+                left_over.append(row)
+            while first_open < len(capacities) and (
+                    len(batches[first_open]) == capacities[first_open]):
+                first_open += 1
+        duplicates = 0
+        for row in left_over:
+            open_batches = [i for i, cap in enumerate(capacities) if len(batches[i]) < cap]
+            if not open_batches:
+                break  # drop_last: the rows of the short batch are dropped
+            if not self._swap_in(row, open_batches, batches, taken):
+                index = min(open_batches, key=lambda i: len(taken[i] & self.keys[row]))
+                batches[index].append(row)
+                taken[index] |= self.keys[row]
+                duplicates += 1
+        if duplicates:
+            warnings.warn(
+                f"NoDuplicatesBatchSampler: {duplicates} rows could not be placed without "
+                f"repeating a key in their batch this epoch (epoch {self.epoch}); their keys "
+                f"repeat too often for batch_size={self.batch_size}", stacklevel=2)
+        return [batch for batch in batches if batch]
+
+    def _swap_in(self, row: int, open_batches: list[int], batches: list[list[int]],
+                 taken: list[set[int]]) -> bool:
+        """Put ``row`` in a batch where it clashes with one row only, which moves on to an
+        open batch that takes it; False when there is no such pair."""
+        keys = self.keys[row]
+        for target in open_batches:
+            for index, batch in enumerate(batches):
+                if index == target:
+                    continue
+                clash = taken[index] & keys
+                for position, other in enumerate(batch):
+                    other_keys = self.keys[other]
+                    if clash <= other_keys and taken[target].isdisjoint(other_keys):
+                        batch[position] = row
+                        taken[index] = set().union(*(self.keys[r] for r in batch))
+                        batches[target].append(other)
+                        taken[target] |= other_keys
+                        return True
+        return False
+
+
+def _row_keys(row) -> tuple:
+    return tuple(row) if isinstance(row, tuple | list | set | frozenset) else (row,)
+
+
+def _shown(value: Hashable) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

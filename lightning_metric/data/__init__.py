@@ -8,9 +8,10 @@ from .image_folder import ImageFolderDataModule, check_image_folder, folder_clas
 from .indexed import IndexedDataset
 from .items import ImageFiles, TextCollate, TextItems
 from .manifest import ManifestDataModule, manifest_class_names
+from .pairs import PairDataModule
 from .roles import EvalRoles
 
 __all__ = ["PROTOCOLS", "DigitsDataModule", "EvalRoles", "FashionMNISTDataModule",
            "FormatProblem", "ImageFiles", "ImageFolderDataModule", "IndexedDataset", "Items",
-           "LabelledDataModule", "ManifestDataModule", "TextCollate", "TextItems",
+           "LabelledDataModule", "ManifestDataModule", "PairDataModule", "TextCollate", "TextItems",
            "check_image_folder", "check_manifest", "folder_class_names", "manifest_class_names"]
