@@ -20,8 +20,9 @@ from torch import nn
 
 from .data.image_folder import folder_class_names
 from .data.manifest import manifest_class_names
-from .losses.registry import entry_for, resolve_sampler
+from .losses.registry import LABELLED, entry_for, resolve_sampler
 from .module import FINE_TUNING_DEFAULTS, MetricLearningModule
+from .paired import PAIR_SHAPES
 from .transforms import build_transforms
 
 # Trainer settings that Lightning refuses under manual optimization: the module does them.
@@ -52,7 +53,8 @@ def _train_classes(total: int, protocol: str) -> int:
 
 
 def sampler_for(loss: nn.Module, requested: str) -> str:
-    """``class`` or ``random`` for this loss (outside the registry, ``auto`` means ``class``)."""
+    """``class`` or ``random`` for this loss (outside the registry, ``auto`` means ``class``);
+    for a loss on paired fields, the request itself (the pairs data module resolves it)."""
     entry = entry_for(loss)
     if entry is None:
         return "class" if requested == "auto" else requested
@@ -124,8 +126,31 @@ def build_datamodule(cfg: DictConfig, loss: nn.Module,
         encoder = build_encoder(cfg)
     inputs = data_inputs(cfg, encoder) if encoder is not None else {}
     datamodule = hydra.utils.instantiate(cfg.data, sampler=sampler, **inputs)
+    check_batch_shape(loss, datamodule)
     check_classes(loss, datamodule)
     return datamodule
+
+
+def check_batch_shape(loss: nn.Module, datamodule: pl.LightningDataModule) -> None:
+    """The data gives the batches the loss takes: paired fields (``data=pairs``, whose
+    ``shapes`` say which) for a pair loss, ``(x, label)`` items for the others.
+
+    Raises:
+        ValueError: naming the loss, what it takes and what the data gives.
+    """
+    entry = entry_for(loss)
+    takes = LABELLED if entry is None else entry.inputs
+    gives = getattr(datamodule, "shapes", None)  # None: (x, label) items
+    name = type(loss).__name__
+    if gives is None and takes in PAIR_SHAPES:
+        raise ValueError(f"{name} takes batches of paired fields ({takes}), but "
+                         f"{type(datamodule).__name__} gives (x, label) items: use data=pairs")
+    if gives is not None and takes not in gives:
+        raise ValueError(f"{name} takes {takes!r} batches, but data=pairs with these fields "
+                         f"and target gives {list(gives)}: choose a loss for them "
+                         "(pair: mnrl; pair_score: cosine_similarity; pair_target: "
+                         "cosine_embedding; triplet: margin_ranking, mnrl; triplet_margin: "
+                         "margin_mse; image_text: clip) or change data.fields / data.target")
 
 
 def check_classes(loss: nn.Module, datamodule: pl.LightningDataModule) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .data.roles import EvalRoles
 from .evaluation import RECALL_KS, RetrievalResults
+from .paired import batch_size
 from .plot_worker import PlotWorker, draw_embeddings, shared_worker
 
 
@@ -39,7 +40,7 @@ class ThroughputMonitor(pl.Callback):
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._samples += len(batch[-1])
+        self._samples += batch_size(batch)
         self._end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -78,6 +78,11 @@ def paired_batch_size(batch: Mapping[str, Any]) -> int:
     return len(first["input_ids"] if isinstance(first, Mapping) else first)
 
 
+def batch_size(batch: Any) -> int:
+    """Examples in a paired batch or an ``(x, label[, index])`` batch."""
+    return paired_batch_size(batch) if is_paired(batch) else len(batch[1])
+
+
 def embed_fields(encoder: Callable[[Any], Tensor], batch: Mapping[str, Any]) -> list[Tensor]:
     """``(B, D)`` embeddings of each field, in order."""
     return [encoder(field) for field in batch["inputs"]]
