@@ -269,7 +269,8 @@ def scalar_metrics(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
     }
 
 
-SUMMARY_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "recall_at_4")
+SUMMARY_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r", "recall_at_4",
+                   "spearman", "pearson", "zero_shot_accuracy")
 
 
 def test_summary(metrics: dict[str, float], checkpoint: ModelCheckpoint | None,

@@ -19,6 +19,7 @@ from .data.roles import EvalRoles
 from .evaluation import RECALL_KS, RetrievalResults
 from .paired import batch_size
 from .plot_worker import PlotWorker, draw_embeddings, shared_worker
+from .ranking_metrics import ranking_metrics
 
 
 class ThroughputMonitor(pl.Callback):
@@ -390,22 +391,29 @@ class RetrievalMetrics(pl.Callback):
             goes as deep as the largest.
         per_category: also log the metrics of each query category (default off).
         top_k: neighbours of each query kept in ``last_results`` (0: none).
+        ranking_at_k: also log ``mrr_at_K`` and ``ndcg_at_K`` at this cut-off, the
+            query-document metrics (:func:`~lightning_metric.ranking_metrics.ranking_metrics`,
+            scored by torchmetrics, about 1 ms a query); None (default): not computed.
 
     Raises:
         ValueError: naming the setting, for a bad ``recall_at_k``, ``include``,
-            ``per_category`` or ``top_k``.
+            ``per_category``, ``top_k`` or ``ranking_at_k``.
     """
 
     def __init__(self, distance: str = "cosine", k: int | str | None = "max_bin_count",
                  index: str = "exact", include: list[str] | None = None,
                  recall_at_k: Iterable[int] = RECALL_KS, per_category: bool = False,
-                 top_k: int = 10):
+                 top_k: int = 10, ranking_at_k: int | None = None):
         from .metrics import RetrievalMetric
 
         if not isinstance(per_category, bool):
             raise ValueError(f"per_category must be true or false, got {per_category!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
+        if ranking_at_k is not None and not 1 <= ranking_at_k <= top_k:
+            raise ValueError(f"ranking_at_k={ranking_at_k} must be between 1 and top_k={top_k} "
+                             "(the neighbours kept a query): raise top_k or lower ranking_at_k")
+        self.ranking_at_k = ranking_at_k
         self.metric = RetrievalMetric(distance=distance, k=k, index=index, include=include,
                                       recall_at_k=recall_at_k, top_k=top_k)
         self.per_category = per_category
@@ -443,6 +451,8 @@ class RetrievalMetrics(pl.Callback):
             self.last_results[stage] = results
             if not trainer.sanity_checking:  # a few batches: their lone queries say little
                 self._warn(stage, results, roles)
+            if self.ranking_at_k is not None:
+                values.update(ranking_metrics(results, self.ranking_at_k))
         pl_module.log_dict(
             {f"{stage}/{key}": torch.tensor(value, dtype=torch.float32, device=pl_module.device)
              for key, value in values.items()},

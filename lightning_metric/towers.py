@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .transforms import pretrained_data_config
+
+LOCKABLE = (None, "image", "text")
 
 
 class TwoTowerEncoder(nn.Module):
@@ -19,20 +22,30 @@ class TwoTowerEncoder(nn.Module):
     Visual Models From Natural Language Supervision", ICML 2021). The data module takes
     the text tower's ``tokenizer`` and the image tower's preprocessing (``data_config``).
 
+    A pretrained tower can be **locked** (Zhai et al., "LiT: Zero-Shot Transfer with
+    Locked-image text Tuning", CVPR 2022): its parameters never train (``requires_grad``
+    off), it stays in eval mode and runs without autograd, and the other tower learns to
+    meet its embeddings. Locking a pretrained text tower keeps its sentence space, so
+    captions it has never seen still land near their meaning (zero-shot), and saves its
+    backward pass.
+
     Args:
         image: an image encoder, e.g. :class:`~lightning_metric.backbones.TimmEncoder`.
         text: a text encoder with a ``.tokenizer``, e.g.
             :class:`~lightning_metric.backbones.HFTextEncoder`.
+        locked: ``"image"`` or ``"text"``: that tower is locked; None: both train.
 
     Raises:
-        ValueError: the towers' ``embedding_size`` differ, or the text tower has no
-            tokenizer.
+        ValueError: the towers' ``embedding_size`` differ, the text tower has no
+            tokenizer, or ``locked`` names no tower.
     """
 
     reads_images = True
 
-    def __init__(self, image: nn.Module, text: nn.Module):
+    def __init__(self, image: nn.Module, text: nn.Module, locked: str | None = None):
         super().__init__()
+        if locked not in LOCKABLE:
+            raise ValueError(f"locked must be one of {list(LOCKABLE)}, got {locked!r}")
         sizes = (getattr(image, "embedding_size", None), getattr(text, "embedding_size", None))
         if None not in sizes and sizes[0] != sizes[1]:
             raise ValueError(
@@ -42,6 +55,16 @@ class TwoTowerEncoder(nn.Module):
             raise ValueError(f"the text tower {type(text).__name__} has no .tokenizer")
         self.image, self.text = image, text
         self.embedding_size = sizes[0] if sizes[0] is not None else sizes[1]
+        self.locked = locked
+        if locked is not None:
+            getattr(self, locked).requires_grad_(False)
+            getattr(self, locked).eval()
+
+    def train(self, mode: bool = True) -> TwoTowerEncoder:
+        super().train(mode)
+        if self.locked is not None:
+            getattr(self, self.locked).eval()
+        return self
 
     @property
     def tokenizer(self) -> Any:
@@ -56,6 +79,8 @@ class TwoTowerEncoder(nn.Module):
         return pretrained_data_config(self.image)
 
     def forward(self, inputs: Tensor | Mapping[str, Tensor]) -> Tensor:
-        if isinstance(inputs, Mapping):
-            return self.text(inputs)
-        return self.image(inputs)
+        name = "text" if isinstance(inputs, Mapping) else "image"
+        if name == self.locked:
+            with torch.no_grad():
+                return getattr(self, name)(inputs)
+        return getattr(self, name)(inputs)

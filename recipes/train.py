@@ -32,7 +32,8 @@ def train(cfg: DictConfig) -> float | None:
     metrics.update(builders.scalar_metrics(trainer, "train/"))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is None or not checkpoint.best_model_path:
+    # no best_model_score: no monitor (callbacks=none: Lightning's own keeps the last epoch)
+    if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
         checkpoint = None
     else:
         metrics[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)

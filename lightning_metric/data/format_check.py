@@ -1,6 +1,6 @@
 """Checks of data on disk before training: every problem, named by file, line and column.
 
-A manifest is a CSV, TSV or Parquet table with a ``label`` column and exactly one of
+A manifest is a CSV, TSV, JSON Lines or Parquet table with a ``label`` column and exactly one of
 ``path`` (an image file, relative to the manifest's folder or ``root``) or ``text``;
 optional columns: ``split`` (train/val/test), ``is_query`` / ``is_gallery`` (1/0/true/
 false), ``category``, ``bbox_x1, bbox_y1, bbox_x2, bbox_y2`` (a crop in pixels). Other
@@ -9,7 +9,8 @@ columns are ignored.
 :func:`check_manifest` runs alone (``lightning_metric.data.check_manifest("m.csv")``)
 and returns the problems; the DataModules run the same checks in ``setup`` and raise
 one ``ValueError`` listing all of them. Lines are the lines of the file as an editor
-shows them (the header is line 1); a Parquet file has rows (the first item is row 1).
+shows them (a CSV/TSV header is line 1; a JSON Lines file has no header, its first object
+is line 1); a Parquet file has rows (the first item is row 1).
 
 Example::
 
@@ -20,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections import Counter
@@ -39,6 +41,9 @@ BOX_COLUMNS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")
 TRUE, FALSE = ("1", "true", "1.0"), ("0", "false", "0.0")
 SEPARATORS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 PARQUET = (".parquet", ".pq")
+JSON_LINES = (".jsonl", ".ndjson")
+TABLE_TYPES = ".csv, .tsv, .jsonl or .parquet"
+"""The file types :func:`read_table` reads, as error messages list them."""
 SHOWN = 100
 """At most this many problems are listed in an error message (all are counted)."""
 
@@ -49,11 +54,11 @@ class FormatProblem:
 
     Attributes:
         file: the manifest, or the image file.
-        line: 1-based line of a CSV/TSV file (header = 1) or row of a Parquet file; None
-            for a problem of the whole file.
+        line: 1-based line of a CSV/TSV file (header = 1) or a JSON Lines file, or row of a
+            Parquet file; None for a problem of the whole file.
         column: the column at fault, or None.
         message: what is wrong, with the value found.
-        unit: ``line`` (CSV/TSV) or ``row`` (Parquet).
+        unit: ``line`` (CSV/TSV/JSON Lines) or ``row`` (Parquet).
     """
 
     file: str
@@ -116,7 +121,7 @@ class Manifest:
 
     def problem(self, row: int | None, column: str | None, message: str) -> None:
         """Record a problem of row ``row`` (0-based item index; None: the header)."""
-        line = self.lines[row] if row is not None else (1 if self.unit == "line" else None)
+        line = self.lines[row] if row is not None else header_line(self.file, self.unit)
         self.problems.append(FormatProblem(str(self.file), line, column, message, self.unit))
 
     @property
@@ -126,31 +131,82 @@ class Manifest:
                 or (self.split is not None and None in self.split))
 
 
-def read_table(path: Path) -> tuple[pd.DataFrame, list[int], str]:
-    """The manifest's cells (CSV/TSV as strings), each item's line (or row) and the unit.
+def read_table(path: Path, setting: str = "data") -> tuple[pd.DataFrame, list[int], str]:
+    """A table's cells (CSV/TSV as strings), each item's line (or row) and the unit.
+
+    A JSON Lines file (``.jsonl``, ``.ndjson``) holds one JSON object a line (blank lines
+    are skipped); its keys are the columns (a key missing from a line is an empty cell) and
+    its values strings, numbers, booleans or null. ``setting`` is the config group that
+    messages name (``data.path=...``).
 
     Raises:
-        ValueError: the file name ends in none of .csv, .tsv, .tab, .parquet, .pq; a CSV/TSV
-            file pandas cannot parse (its message names the line), or an empty one.
+        ValueError: the file name ends in none of .csv, .tsv, .tab, .jsonl, .ndjson,
+            .parquet, .pq; a CSV/TSV file pandas cannot parse (its message names the line),
+            or an empty one; JSON Lines that are not JSON objects of plain values (every
+            such line listed by number).
     """
     suffix = path.suffix.lower()
     if suffix in PARQUET:
         table = pd.read_parquet(path)
         return table, list(range(1, len(table) + 1)), "row"
+    if suffix in JSON_LINES:
+        return _read_json_lines(path, setting)
     if suffix not in SEPARATORS:
-        raise ValueError(
-            f"data.path={str(path)!r}: a manifest must be a .csv, .tsv or .parquet file"
-        )
+        raise ValueError(f"{setting}.path={str(path)!r}: a table must be a {TABLE_TYPES} file")
     sep = SEPARATORS[suffix]
     try:
         table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False,
                             skip_blank_lines=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ValueError(f"data.path={str(path)!r} cannot be read as a {suffix[1:].upper()} "
+        raise ValueError(f"{setting}.path={str(path)!r} cannot be read as a {suffix[1:].upper()} "
                          f"table: {error}") from error
     lines = _record_lines(path, sep)
     if len(lines) != len(table):  # a layout the csv module reads otherwise: count rows
         lines = list(range(2, len(table) + 2))
+    return table, lines, "line"
+
+
+def header_line(path: str | os.PathLike, unit: str) -> int | None:
+    """The line a problem of the whole table's columns points at: 1 (the header) for CSV/TSV,
+    None for JSON Lines (no header) and Parquet (rows)."""
+    if unit != "line" or Path(path).suffix.lower() in JSON_LINES:
+        return None
+    return 1
+
+
+def _read_json_lines(path: Path, setting: str) -> tuple[pd.DataFrame, list[int], str]:
+    records, lines, problems = [], [], []
+    try:
+        with open(path, encoding="utf-8-sig") as stream:
+            text_lines = list(stream)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{setting}.path={str(path)!r} cannot be read as JSON Lines (UTF-8): "
+                         f"{error}") from error
+    for number, text in enumerate(text_lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            problems.append(FormatProblem(str(path), number, None, f"not valid JSON: "
+                                          f"{error.msg} (character {error.colno})"))
+            continue
+        if not isinstance(record, dict):
+            problems.append(FormatProblem(str(path), number, None, "a line must hold one JSON "
+                                          f"object {{\"column\": value, ...}}, got "
+                                          f"{type(record).__name__}"))
+            continue
+        nested = [key for key, value in record.items() if isinstance(value, dict | list)]
+        for key in nested:
+            problems.append(FormatProblem(str(path), number, key, "a value must be a string, "
+                                          f"number, boolean or null, got "
+                                          f"{type(record[key]).__name__}"))
+        if not nested:
+            records.append(record)
+            lines.append(number)
+    raise_problems(problems, f"{setting}.path={str(path)!r} (JSON Lines: one object a line)")
+    columns = list(dict.fromkeys(str(key) for record in records for key in record))
+    table = pd.DataFrame(records, columns=columns, dtype=object)
     return table, lines, "line"
 
 
@@ -172,7 +228,7 @@ def parse_manifest(path: str | os.PathLike, root: str | os.PathLike | None = Non
     """Read a manifest and check every cell (and, with ``check_files``, every image file).
 
     Args:
-        path: the .csv, .tsv or .parquet file.
+        path: the .csv, .tsv, .jsonl or .parquet file.
         root: folder the ``path`` column is relative to (default: the manifest's folder).
         check_files: open every image (its header: size and ``PIL`` verify) for missing or
             unreadable files and crop boxes outside the image.

@@ -1,10 +1,11 @@
-"""Rows of paired fields read from a table (CSV, TSV or Parquet) and checked cell by cell.
+"""Rows of paired fields read from a table (CSV, TSV, JSON Lines or Parquet), checked cell by cell.
 
 One row is one training example: texts and image paths in named columns (the ``fields``
 of :class:`~lightning_metric.data.PairDataModule`), optionally a numeric target, a
 split and a group. :func:`read_pair_file` reads a file and records every problem by
-file, line (as an editor shows it; the header is line 1; a Parquet file has rows) and
-column, as :func:`~lightning_metric.data.check_manifest` does for manifests.
+file, line (as an editor shows it; a CSV/TSV header is line 1, a JSON Lines file's first
+object is line 1; a Parquet file has rows) and column, as
+:func:`~lightning_metric.data.check_manifest` does for manifests.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .format_check import SPLITS, FormatProblem, cell, image_headers, line_order, read_table
+from .format_check import (
+    SPLITS,
+    FormatProblem,
+    cell,
+    header_line,
+    image_headers,
+    line_order,
+    read_table,
+)
 
 
 @dataclass
@@ -25,7 +34,7 @@ class PairFile:
         file: the table.
         columns: its columns.
         lines: the line (or row) of every row.
-        unit: ``line`` (CSV/TSV) or ``row`` (Parquet).
+        unit: ``line`` (CSV/TSV/JSON Lines) or ``row`` (Parquet).
         values: per field (in ``fields`` order), every row's text or image path (absolute,
             as a string).
         target: every row's target as read (not yet scaled), or None without a target column.
@@ -51,7 +60,7 @@ class PairFile:
 
     def problem(self, row: int | None, column: str | None, message: str) -> None:
         """Record a problem of row ``row`` (0-based; None: the whole file / its header)."""
-        line = self.lines[row] if row is not None else (1 if self.unit == "line" else None)
+        line = self.lines[row] if row is not None else header_line(self.file, self.unit)
         self.problems.append(FormatProblem(str(self.file), line, column, message, self.unit))
         if row is not None:
             self.bad_rows.add(row)
@@ -62,11 +71,12 @@ def read_pair_file(path: str | Path, fields: Mapping[str, str], *,
                    split: str | None = None, split_optional: bool = False,
                    group: str | None = None,
                    root: str | Path | None = None, check_files: bool = True,
-                   num_threads: int | None = None) -> PairFile:
+                   num_threads: int | None = None, setting: str = "data",
+                   field_settings: Mapping[str, str] | None = None) -> PairFile:
     """Read a table of paired fields and check every cell it needs.
 
     Args:
-        path: the .csv, .tsv or .parquet file.
+        path: the .csv, .tsv, .jsonl or .parquet file.
         fields: role -> column, in the batch's order.
         image_fields: the roles whose column holds image paths (the others hold texts).
         target: the target column, or None.
@@ -76,6 +86,10 @@ def read_pair_file(path: str | Path, fields: Mapping[str, str], *,
         root: folder image paths are relative to (default: the file's folder).
         check_files: open every distinct image's header (missing, unreadable files).
         num_threads: threads reading image headers.
+        setting: the config group messages name (``data``: ``data.path``,
+            ``data.fields.query``, ``data.target`` ...).
+        field_settings: role -> the setting its column comes from, as messages name it
+            (default ``<setting>.fields.<role>``).
 
     Returns:
         The rows; a missing column leaves ``values`` empty and a problem naming the column,
@@ -83,18 +97,24 @@ def read_pair_file(path: str | Path, fields: Mapping[str, str], *,
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: not a .csv / .tsv / .parquet file, or one pandas cannot parse.
+        ValueError: not a .csv / .tsv / .jsonl / .parquet file, or one that cannot be parsed
+            (JSON Lines: every bad line by number).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data.path={str(path)!r} is not a file")
-    table, lines, unit = read_table(path)
+        raise FileNotFoundError(f"{setting}.path={str(path)!r} is not a file")
+    table, lines, unit = read_table(path, setting)
     pairs = PairFile(path, [str(c) for c in table.columns], lines, unit)
+    if not len(table) and not pairs.columns:  # an empty JSON Lines file
+        pairs.problem(None, None, "the file has no rows")
+        return pairs
     found = ", ".join(pairs.columns) or "none"
     if split_optional and split not in pairs.columns:
         split = None
-    wanted = [(f"data.fields.{role}", column) for role, column in fields.items()]
-    wanted += [(f"data.{name}", column) for name, column in
+    named = dict(field_settings or {})
+    wanted = [(named.get(role, f"{setting}.fields.{role}"), column)
+              for role, column in fields.items()]
+    wanted += [(f"{setting}.{name}", column) for name, column in
                (("target", target), ("split", split), ("group", group)) if column is not None]
     missing = [(setting, column) for setting, column in wanted if column not in pairs.columns]
     for setting, column in missing:

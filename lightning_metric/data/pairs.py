@@ -1,6 +1,6 @@
 """Paired data in a table: query-document pairs, scored pairs, triplets, image-caption pairs.
 
-Every row of a CSV / TSV / Parquet file is one training example with several fields
+Every row of a CSV / TSV / JSON Lines / Parquet file is one training example with several fields
 (texts, or image paths) and optionally a numeric target. :class:`PairDataModule` reads
 them and gives the batches the losses of
 :data:`~lightning_metric.losses.registry.PAIR_LOSSES` take.
@@ -30,6 +30,7 @@ loader workers, then ``train_transform``).
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -64,6 +65,7 @@ _STAGE_SPLIT = {"fit": "val", "validate": "val", "val": "val", "sanity_check": "
                 "test": "test", "predict": "test"}
 _SPLIT_NAMES = ("train", "val", "test")
 TRAIN, VAL, TEST = range(3)
+log = logging.getLogger(__name__)
 
 
 def pair_shapes(fields: Sequence[str], image_fields: Sequence[str], target: str | None,
@@ -99,7 +101,10 @@ def pair_shapes(fields: Sequence[str], image_fields: Sequence[str], target: str 
 
 
 class PairDataModule(pl.LightningDataModule):
-    """Rows of paired fields (texts or images) from a CSV, TSV or Parquet file.
+    """Rows of paired fields (texts or images) from a CSV, TSV, JSON Lines or Parquet file.
+
+    A JSON Lines file (``.jsonl``) holds one JSON object a line, its keys the columns;
+    problems name its lines as they are numbered in an editor.
 
     Args:
         path: the file; ``val_path`` / ``test_path`` optional files with the same columns
@@ -113,6 +118,11 @@ class PairDataModule(pl.LightningDataModule):
         target_range: ``[low, high]``: targets must lie in it and are scaled to [0, 1]
             (``[0, 5]`` for STS-B); None: used as read (pair scores must then lie in
             [0, 1]; targets all +1 / -1 make the ``pair_target`` shape).
+        min_target: keep only the rows whose target (as read, before ``target_range``
+            scales it) is at least this, in every file; the dropped rows are counted and
+            logged. The target then only chooses rows and is not passed on: STS-B pairs
+            scored 4 or more become ``pair`` rows (positives for ``loss=mnrl``). None:
+            every row.
         split: the column holding ``train`` / ``val`` / ``test`` (used when the file has
             it; a name other than ``split`` must be there); None: no split column.
         group: a column whose rows go to one split together when splits are cut (e.g.
@@ -164,6 +174,7 @@ class PairDataModule(pl.LightningDataModule):
         image_fields: Sequence[str] = (),
         target: str | None = None,
         target_range: Sequence[float] | None = None,
+        min_target: float | None = None,
         split: str | None = "split",
         group: str | None = None,
         val_path: str | os.PathLike | None = None,
@@ -195,10 +206,17 @@ class PairDataModule(pl.LightningDataModule):
         _check_settings(self.fields, self.image_fields, target_range, val_fraction,
                         test_fraction, sampler, batch_size, eval_batch_size, subset,
                         num_workers, max_length)
+        if min_target is not None and target is None:
+            raise ValueError(f"data.min_target={min_target} keeps the rows whose target is at "
+                             "least it: set data.target (the column it is compared with)")
         self.paths = {"train": Path(path), "val": None if val_path is None else Path(val_path),
                       "test": None if test_path is None else Path(test_path)}
         self.path, self.root = self.paths["train"], None if root is None else Path(root)
         self.target = target
+        """The target column (read, range-checked; passed on unless ``min_target``)."""
+        self.min_target = None if min_target is None else float(min_target)
+        self.passes_target = target is not None and min_target is None
+        """The batches carry the target (there is one and ``min_target`` does not use it up)."""
         self.target_range = None if target_range is None else tuple(map(float, target_range))
         self.split, self.group = split, group
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -214,7 +232,8 @@ class PairDataModule(pl.LightningDataModule):
                                  for role in self.fields)
         """``image`` or ``text`` for every field, in ``fields`` order (which tower embeds it)."""
         files = self._read(check_files=False)  # the columns, and the targets for the shape
-        self.shapes = pair_shapes(list(self.fields), self.image_fields, target,
+        self.shapes = pair_shapes(list(self.fields), self.image_fields,
+                                  target if self.passes_target else None,
                                   _binary(files, target_range))
         """Every batch shape the rows serve, :attr:`shape` first."""
         if "text" in self.field_kinds and tokenizer is None:
@@ -230,6 +249,8 @@ class PairDataModule(pl.LightningDataModule):
         self.split_rows: dict[str, np.ndarray] = {}
         self.skipped: list[FormatProblem] = []
         """The problems of the rows skipped under ``skip_bad_rows``."""
+        self.dropped: dict[str, int] = {}
+        """Rows of each file (``train``, ``val``, ``test``) below ``min_target``, dropped."""
         self._roles: dict[str, EvalRoles] = {}
         self._train_keys: list[tuple[str, ...]] = []
 
@@ -245,7 +266,7 @@ class PairDataModule(pl.LightningDataModule):
     def eval_kind(self) -> str:
         """``paired`` (val/test batches are the training dicts: data with a target) or
         ``retrieval`` (val/test batches are ``(x, label, index)`` items)."""
-        return "paired" if self.target is not None else "retrieval"
+        return "paired" if self.passes_target else "retrieval"
 
     def eval_roles(self, stage: str) -> EvalRoles | None:
         """Queries (the first field's items) and gallery (the second field's) of the val or
@@ -304,20 +325,25 @@ class PairDataModule(pl.LightningDataModule):
         self._build(rows)
 
     def _rows(self, files: dict[str, PairFile]) -> dict[str, Any]:
-        """The good rows of every file, concatenated: values per field, targets (scaled),
-        split codes (-1: to be cut), groups."""
+        """The good rows of every file (at least ``min_target``), concatenated: values per
+        field, targets (scaled), split codes (-1: to be cut), groups."""
         values: list[list[str]] = [[] for _ in self.fields]
         target, split, group = [], [], []
+        self.dropped = {}
         for code, name in enumerate(_SPLIT_NAMES):
             pairs = files.get(name)
             if pairs is None:
                 continue
+            dropped = 0
             for row in range(len(pairs)):
                 if row in pairs.bad_rows:
                     continue
+                if self.min_target is not None and pairs.target[row] < self.min_target:
+                    dropped += 1
+                    continue
                 for field, column in zip(values, pairs.values, strict=True):
                     field.append(column[row])
-                if pairs.target is not None:
+                if self.passes_target:
                     target.append(self._scaled(pairs.target[row]))
                 if name != "train":
                     split.append(code)
@@ -325,6 +351,16 @@ class PairDataModule(pl.LightningDataModule):
                     split.append(pairs.split[row] if pairs.split is not None else -1)
                 group.append(f"{name}:{pairs.group[row]}" if pairs.group is not None
                              else f"{name}:{row}")
+            if self.min_target is not None:
+                self.dropped[name] = dropped
+        if self.min_target is not None:
+            kept = {name: len(files[name]) - len(files[name].bad_rows) - dropped
+                    for name, dropped in self.dropped.items()}
+            log.info("data.min_target=%g: dropped %d rows whose %r is below it (%s); kept %d",
+                     self.min_target, sum(self.dropped.values()), self.target,
+                     ", ".join(f"{name} {str(files[name].file)!r}: {kept[name]} kept, "
+                               f"{count} dropped" for name, count in self.dropped.items()),
+                     sum(kept.values()))
         return {"values": values, "target": target, "split": np.array(split, dtype=np.int64),
                 "group": group}
 
@@ -352,7 +388,7 @@ class PairDataModule(pl.LightningDataModule):
             raise ValueError(f"data.path={str(self.path)!r}: no training rows left")
         self.split_rows = final
         values = [np.array(field, dtype=object) for field in rows["values"]]
-        target = np.array(rows["target"], dtype=np.float32) if self.target is not None else None
+        target = np.array(rows["target"], dtype=np.float32) if self.passes_target else None
         train = final["train"]
         self._train_keys = [tuple(str(field[row]) for field in values) for row in train]
         self.train_set = PairRows([field[train] for field in values], self.field_kinds,
@@ -412,7 +448,7 @@ class PairDataModule(pl.LightningDataModule):
 
     def _pair_collate(self, with_index: bool) -> PairCollate:
         return PairCollate(self.field_kinds, self.tokenizer, self.max_length,
-                           self.target is not None, with_index)
+                           self.passes_target, with_index)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_sampler=self.train_batch_sampler(),
