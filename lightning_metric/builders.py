@@ -222,6 +222,10 @@ def build_trainer(cfg: DictConfig) -> pl.Trainer:
     check_trainer_length(cfg.trainer)
     trainer_kwargs = {k: v for k, v in cfg.trainer.items() if k not in _MOVED_TO_MODULE}
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    if not cfg.get("test", True):  # no test stage: no test-time pictures, no worker for them
+        for callback in callbacks:
+            if getattr(callback, "on_test", None) is True:
+                callback.on_test = False
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     return hydra.utils.instantiate(
         OmegaConf.create(trainer_kwargs), callbacks=callbacks, logger=loggers or False
