@@ -11,6 +11,7 @@ from . import (
     miners,
     regularizers,
     samplers,
+    synthesis,
     transforms,
 )
 from .backbones import HFTextEncoder, TimmEncoder
@@ -38,5 +39,6 @@ __all__ = [
     "regularizers",
     "retrieval_metrics",
     "samplers",
+    "synthesis",
     "transforms",
 ]

@@ -213,7 +213,7 @@ def test_ragged_and_empty_tables_fail_naming_the_file(tmp_path):
         check_manifest(empty)
     text = tmp_path / "items.txt"
     text.write_text("label\n")
-    with pytest.raises(ValueError, match="must be a .csv, .tsv or .parquet file"):
+    with pytest.raises(ValueError, match="must be a .csv, .tsv, .jsonl or .parquet file"):
         check_manifest(text)
 
 
