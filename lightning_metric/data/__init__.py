@@ -13,7 +13,7 @@ from .pairs import PairDataModule
 from .roles import EvalRoles
 
 __all__ = ["PROTOCOLS", "DigitsDataModule", "EvalRoles", "FashionMNISTCaptionsDataModule",
-           "FashionMNISTDataModule",
-           "FormatProblem", "ImageFiles", "ImageFolderDataModule", "IndexedDataset", "Items",
-           "LabelledDataModule", "ManifestDataModule", "PairDataModule", "TextCollate", "TextItems",
-           "check_image_folder", "check_manifest", "folder_class_names", "manifest_class_names"]
+           "FashionMNISTDataModule", "FormatProblem", "ImageFiles", "ImageFolderDataModule",
+           "IndexedDataset", "Items", "LabelledDataModule", "ManifestDataModule",
+           "PairDataModule", "TextCollate", "TextItems", "check_image_folder", "check_manifest",
+           "folder_class_names", "manifest_class_names"]
