@@ -317,7 +317,8 @@ class RetrievalPictures(_PictureCallback):
             self._picture(trainer, f"worst_queries/{name}", write_worst_queries_markdown,
                           rows, items, str(folder / f"{name}.md"), **options)
             return
-        images = {i: _display_array(item) for i, item in items.items()}
+        images = {i: item if isinstance(item, str) else _display_array(item)
+                  for i, item in items.items()}   # captions among images stay texts
         self._picture(trainer, f"worst_queries/{name}", draw_worst_queries, rows,
                       images.__getitem__, str(folder / f"{name}.png"),
                       title=f"{name}: worst queries (green right, red wrong, blue missed)",

@@ -10,6 +10,7 @@ validation); they never search again.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,9 @@ def draw_worst_queries(
     """Write a PNG grid: per row a query, its results (green right, red wrong), its misses.
 
     ``image_of(item_id)`` returns an image tensor ``(C, H, W)``, ``(H, W)`` or a flat
-    square ``(H*W,)``; each is min-max scaled and resized to ``tile`` pixels a side. Drawn
+    square ``(H*W,)``; each is min-max scaled and resized to ``tile`` pixels a side. It may
+    also return a text (image-caption retrieval: a caption among images), written into
+    its tile. Drawn
     with PIL, a few milliseconds a picture (no plotting library). Returns the written path.
 
     Raises:
@@ -159,18 +162,36 @@ def draw_worst_queries(
 
 
 _GAP, _CAPTION, _FRAME = 4, 12, 4   # pixels
+_CHAR_WIDTH = 6                      # PIL's default bitmap font, pixels a character
 
 
-def _paste(canvas: Image.Image, draw: ImageDraw.ImageDraw, item: Tensor | np.ndarray,
+def _paste(canvas: Image.Image, draw: ImageDraw.ImageDraw, item: Tensor | np.ndarray | str,
            corner: tuple[int, int], tile: int, colour: str) -> None:
-    """``item`` scaled into a ``tile``-pixel square at ``corner``, framed in ``colour``."""
-    pixels = (_as_image(item) * 255).round().astype(np.uint8)
-    image = Image.fromarray(pixels)
-    small = max(image.size) < tile // 2
-    image = image.resize((tile, tile), Image.NEAREST if small else Image.BILINEAR)
-    canvas.paste(image, corner)
+    """``item`` scaled into a ``tile``-pixel square at ``corner`` (a text: written into it,
+    as many lines as fit), framed in ``colour``."""
     x, y = corner
+    if isinstance(item, str):
+        _write_text(draw, item, corner, tile)
+    else:
+        pixels = (_as_image(item) * 255).round().astype(np.uint8)
+        image = Image.fromarray(pixels)
+        small = max(image.size) < tile // 2
+        image = image.resize((tile, tile), Image.NEAREST if small else Image.BILINEAR)
+        canvas.paste(image, corner)
     draw.rectangle((x, y, x + tile - 1, y + tile - 1), outline=colour, width=_FRAME)
+
+
+def _write_text(draw: ImageDraw.ImageDraw, text: str, corner: tuple[int, int], tile: int) -> None:
+    """A text (a caption among images) wrapped inside a tile, cut with "..." if too long."""
+    inner = tile - 2 * (_FRAME + 1)
+    width = max(inner // _CHAR_WIDTH, 1)
+    lines = textwrap.wrap(" ".join(text.split()), width) or [""]
+    fit = max(inner // _CAPTION, 1)
+    if len(lines) > fit:
+        lines = [*lines[: fit - 1], lines[fit - 1][: width - 3] + "..."]
+    x, y = corner
+    for n, line in enumerate(lines):
+        draw.text((x + _FRAME + 1, y + _FRAME + 1 + n * _CAPTION), line, fill="black")
 
 
 def _name(label: int, class_names: Sequence[str]) -> str:

@@ -3,9 +3,11 @@ CLIP recipes on Fashion-MNIST and on the COCO photos, end to end."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
+from PIL import Image
 from test_recipes import metrics, run_recipe
 from torch import nn
 
@@ -268,3 +270,5 @@ def test_coco_clip_runs_end_to_end_on_real_photos(tmp_path, minilm_path):
     found = metrics(tmp_path)
     assert 0 <= found["test/recall_at_1"] <= 1
     assert math.isfinite(found["train/loss_epoch"])
+    worst = Image.open(tmp_path / "pictures" / "test.png")   # photos with their captions
+    assert worst.size[0] > 300 and np.asarray(worst).std() > 20

