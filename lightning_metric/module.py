@@ -21,6 +21,16 @@ callbacks (:class:`~lightning_metric.callbacks.RetrievalMetrics`,
 :class:`~lightning_metric.callbacks.EmbeddingPlot`), which read the embeddings
 ``validation_step`` / ``test_step`` return.
 
+Batches and losses. ``(x, label)`` batches feed a labelled loss (with the miner);
+a two-view loss (``VICRegLoss``, ``SelfSupervisedLoss``: ``data.views=2`` batches, the
+views of an item next to each other) gets the first and the second views as
+``(embeddings, ref_emb)``; an embeddings-only loss (``ManifoldLoss``) the embeddings.
+A batch of paired fields (:mod:`lightning_metric.paired`: query-document, scored pairs,
+triplets, image-text) is embedded field by field and the loss called with the fields,
+then the target; its evaluation batches give ``{"similarity", "target"}`` for
+:class:`~lightning_metric.callbacks.SimilarityCorrelation` (or retrieval items). The
+registry says which a loss takes; a loss outside it may say so in ``loss_inputs``.
+
 Fine-tuning a pretrained encoder (one with a ``.backbone``, as
 :class:`~lightning_metric.backbones.TimmEncoder` has): ``freeze_backbone_epochs``
 trains only the head for the first epochs, ``backbone_lr_multiplier`` gives the

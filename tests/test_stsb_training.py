@@ -25,8 +25,7 @@ def test_a_short_stsb_run_raises_dev_spearman_over_the_untrained_model(tmp_path,
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
             "experiment=stsb", f"model.name={minilm_path}", "data.subset=320",
-            "optimizer.lr=1e-4", "data.num_workers=0", "data.eval_batch_size=384",
-            "trainer.limit_val_batches=2",
+            "data.num_workers=0", "data.eval_batch_size=512",
             "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
             "trainer.enable_model_summary=false", "+trainer.num_sanity_val_steps=0",
             "logger=none", f"callbacks.model_checkpoint.dirpath={tmp_path}",
@@ -37,6 +36,6 @@ def test_a_short_stsb_run_raises_dev_spearman_over_the_untrained_model(tmp_path,
     trainer.fit(module, datamodule=datamodule)
     trained = trainer.callback_metrics
     assert trainer.global_step == 20                       # 320 pairs, batch 16
-    print(untrained, {k: float(v) for k, v in trained.items()})
-    assert float(trained["val/spearman"]) > untrained["val/spearman"] + 0.002
+    # the whole dev set (1,500 pairs); 20 steps at the recipe's lr 2e-5 gave 0.867 -> 0.875
+    assert float(trained["val/spearman"]) > untrained["val/spearman"] + 0.003
     assert float(trained["val/loss"]) < untrained["val/loss"]
