@@ -39,3 +39,23 @@ def test_a_short_stsb_run_raises_dev_spearman_over_the_untrained_model(tmp_path,
     # the whole dev set (1,500 pairs); 20 steps at the recipe's lr 2e-5 gave 0.867 -> 0.875
     assert float(trained["val/spearman"]) > untrained["val/spearman"] + 0.003
     assert float(trained["val/loss"]) < untrained["val/loss"]
+
+
+def test_mnrl_trains_on_the_pairs_scored_4_or_more_and_logs_ranking_metrics(tmp_path, minilm_path):
+    builders.register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=stsb_mnrl", f"model.name={minilm_path}", "data.subset=64",
+            "data.num_workers=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false", "+trainer.num_sanity_val_steps=0",
+            "logger=none", f"callbacks.model_checkpoint.dirpath={tmp_path}",
+            f"trainer.default_root_dir={tmp_path}", "callbacks.embedding_plot.on_test=false",
+            "callbacks.retrieval_pictures.every_n_epochs=0"])
+    datamodule, module, trainer = builders.build_run(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    found = trainer.callback_metrics
+    assert trainer.global_step == 4                         # 64 pairs, batch 16
+    assert datamodule.sampler == "no_duplicates"
+    # a paraphrase's own partner among the 264 dev pairs: MiniLM finds it first
+    assert float(found["val/mrr_at_10"]) > 0.9 and float(found["val/ndcg_at_10"]) > 0.9
+    assert float(found["val/recall_at_1"]) <= float(found["val/mrr_at_10"])
