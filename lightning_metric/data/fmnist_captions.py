@@ -36,7 +36,7 @@ from ..losses.registry import IMAGE_TEXT
 from ..samplers import NoDuplicatesBatchSampler, RandomBatchSampler, epoch_generator
 from .fmnist import FashionMNISTDataModule
 from .indexed import IndexedDataset
-from .pairs import ItemCollate, SegmentBatches
+from .pair_items import ItemCollate, SegmentBatches
 from .roles import EvalRoles
 
 TEMPLATES = (
