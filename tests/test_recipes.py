@@ -11,6 +11,10 @@ import numpy
 import pytest
 import torch
 from conftest import REPO, SHARED_DATA
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException
+
+from lightning_metric import builders
 
 QUICK = ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_model_summary=false",
          "callbacks.embedding_plot.on_test=false"]
@@ -146,19 +150,35 @@ def assert_is_a_real_picture(path: Path) -> None:
     assert len(colours) > 50
 
 
+def test_a_bad_config_stops_the_command_naming_the_setting(tmp_path):
+    done = run_recipe(tmp_path, "data=fmnist", "data.data_dir=/nonexistent/fmnist",
+                      "data.download=false", *QUICK, check=False)
+    assert done.returncode != 0
+    assert "data_dir='/nonexistent/fmnist'" in done.stderr + done.stdout
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "error", "message"),
     [
-        (["data.m_per_class=5"],
+        (["data.m_per_class=5"], InstantiationException,   # a ValueError, Hydra-wrapped
          "data.batch_size (128) must be a multiple of data.m_per_class (5)"),
-        (["loss=arcface", "loss.num_classes=3"], "loss.num_classes=3 is smaller than the 10"),
-        (["data=fmnist", "data.data_dir=/nonexistent/fmnist", "data.download=false"],
-         "data_dir='/nonexistent/fmnist'"),
-        (["loss=no_such_loss"], "Could not find 'loss/no_such_loss'"),
+        (["loss=arcface", "loss.num_classes=3"], ValueError,
+         "loss.num_classes=3 is smaller than the 10"),
+        (["loss=no_such_loss"], ConfigCompositionException,
+         "Could not find 'loss/no_such_loss'"),
     ],
 )
-def test_bad_config_fails_at_setup_naming_the_setting(tmp_path, overrides, message):
-    done = run_recipe(tmp_path, *overrides, *QUICK, check=False)
-    assert done.returncode != 0
-    assert message in done.stderr + done.stdout
-    assert not (tmp_path / "checkpoints").exists()
+def test_bad_config_fails_at_setup_naming_the_setting(tmp_path, overrides, error, message):
+    """The same checks as the command's (above), in this process: the recipe's own
+    composition and builders, stopped before any training step."""
+    builders.register_resolvers()
+    with pytest.raises(error) as raised:
+        with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, *QUICK, "logger=none",
+                                              f"trainer.default_root_dir={tmp_path}",
+                                              f"callbacks.model_checkpoint.dirpath={tmp_path}"])
+        datamodule, module, trainer = builders.build_run(cfg)
+        trainer.fit(module, datamodule=datamodule)
+    assert message in str(raised.value)
+    assert not list(tmp_path.glob("*.ckpt"))
