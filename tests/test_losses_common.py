@@ -19,8 +19,10 @@ CLASSES, DIM = 4, 8
 MAKERS = {
     "manifold": lambda: losses.ManifoldLoss(l=DIM, K=CLASSES),
     "p2sgrad": lambda: losses.P2SGradLoss(descriptors_dim=DIM, num_classes=CLASSES),
+    "ranked_list": lambda: losses.RankedListLoss(margin=0.4, Tn=5),
     "self_supervised": lambda: losses.SelfSupervisedLoss(losses.NTXentLoss()),
 }
+PML_MAKERS = {"ranked_list": lambda: pml_losses.RankedListLoss(margin=0.4, Tn=5)}
 
 
 def make(name: str) -> nn.Module:
@@ -91,7 +93,8 @@ def test_a_batch_without_positive_pairs_matches_pml_and_backpropagates(name):
     labels = torch.arange(16)
     value = make(name)(embeddings, labels)
     value.backward()
-    expected = getattr(pml_losses, LOSSES[name].loss_class.__name__)()(embeddings.detach(), labels)
+    make_pml = PML_MAKERS.get(name, getattr(pml_losses, LOSSES[name].loss_class.__name__))
+    expected = make_pml()(embeddings.detach(), labels)
     if torch.isnan(expected):  # PML's NCALoss divides 0 by 0 here; ours has nothing to learn
         expected = torch.zeros_like(expected)
     torch.testing.assert_close(value, expected.to(value.dtype))
@@ -101,10 +104,11 @@ def test_a_batch_without_positive_pairs_matches_pml_and_backpropagates(name):
 
 
 # NCA and FastAP use an indices tuple as per-item weights, where an empty one means "all";
-# InstanceLoss refuses any indices tuple, as PML's does.
+# InstanceLoss, PNPLoss and RankedListLoss refuse any indices tuple, as PML's do.
 @pytest.mark.parametrize(
     "name",
-    [n for n in NAMES if LOSSES[n].contrastive and n not in ("nca", "fast_ap", "instance")],
+    [n for n in NAMES if LOSSES[n].contrastive
+     and n not in ("nca", "fast_ap", "instance", "pnp", "ranked_list")],
 )
 def test_empty_indices_tuple_gives_a_zero_that_backpropagates(name):
     embeddings, labels = batch()

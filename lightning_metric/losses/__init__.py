@@ -12,6 +12,7 @@ shape. They match sentence-transformers 6.2, open_clip 3.3 or torch.nn.
 
 from .base import BaseMetricLoss
 from .clip import CLIPLoss
+from .dynamic_soft_margin import DynamicSoftMarginLoss
 from .histogram import HistogramLoss
 from .infonce import NTXentLoss, SupConLoss
 from .instance import InstanceLoss
@@ -37,6 +38,7 @@ from .pair import (
     SignalToNoiseRatioContrastiveLoss,
     TupletMarginLoss,
 )
+from .pnp import PNPLoss
 from .proxy import ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss
 from .query_document import (
     CosineEmbeddingLoss,
@@ -46,9 +48,11 @@ from .query_document import (
     MNRLoss,
     MultipleNegativesRankingLoss,
 )
+from .ranked_list import RankedListLoss
 from .ranking import FastAPLoss
 from .registry import LOSSES, PAIR_LOSSES, get_entry, resolve_sampler
 from .self_supervised import SelfSupervisedLoss, VICRegLoss
+from .threshold_consistent import ThresholdConsistentMarginLoss
 from .triplet import AngularLoss, MarginLoss, TripletLoss, TripletMarginLoss
 from .wrappers import CrossBatchMemory, MultipleLosses
 
@@ -65,6 +69,7 @@ __all__ = [
     "CosineEmbeddingLoss",
     "CosineSimilarityLoss",
     "CrossBatchMemory",
+    "DynamicSoftMarginLoss",
     "FastAPLoss",
     "GeneralizedLiftedStructureLoss",
     "HistogramLoss",
@@ -85,8 +90,10 @@ __all__ = [
     "NTXentLoss",
     "NormalizedSoftmaxLoss",
     "P2SGradLoss",
+    "PNPLoss",
     "ProxyAnchorLoss",
     "ProxyNCALoss",
+    "RankedListLoss",
     "SelfSupervisedLoss",
     "SiameseLoss",
     "SignalToNoiseRatioContrastiveLoss",
@@ -94,6 +101,7 @@ __all__ = [
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
+    "ThresholdConsistentMarginLoss",
     "TripletLoss",
     "TripletMarginLoss",
     "TupletMarginLoss",

@@ -101,8 +101,12 @@ LOSSES: dict[str, LossEntry] = {
         "p2sgrad": "p2sgrad:P2SGradLoss",
     }),
     **_entries(contrastive=True, learnable=False, table={
+        "dynamic_soft_margin": "dynamic_soft_margin:DynamicSoftMarginLoss",
         "histogram": "histogram:HistogramLoss",
         "instance": "instance:InstanceLoss",
+        "pnp": "pnp:PNPLoss",
+        "ranked_list": "ranked_list:RankedListLoss",
+        "threshold_consistent_margin": "threshold_consistent:ThresholdConsistentMarginLoss",
     }),
     # Two views of each item, no labels: the batch is random items (each its own class).
     **_entries(contrastive=False, learnable=False, inputs=TWO_VIEWS, table={
