@@ -105,11 +105,19 @@ class BaseMiner(nn.Module):
                 rows = torch.arange(len(embeddings), device=embeddings.device)
                 positive[rows, ref_self_index] = False
                 negative[rows, ref_self_index] = False
-            return self.mine(mat, positive, negative)
+            ref = embeddings if same_set else ref_emb
+            return self.mine_embeddings(embeddings, ref, mat, positive, negative)
 
     def mine(self, mat: Tensor, positive: Tensor, negative: Tensor) -> IndicesTuple:
         """The indices tuple from the ``(N, M)`` matrix and the positive / negative masks."""
         raise NotImplementedError
+
+    def mine_embeddings(
+        self, embeddings: Tensor, ref_emb: Tensor, mat: Tensor, positive: Tensor, negative: Tensor
+    ) -> IndicesTuple:
+        """:meth:`mine`, for a miner that also needs the embeddings ``(N, D)`` and the
+        reference set ``(M, D)`` (the batch itself when none was given), as given."""
+        return self.mine(mat, positive, negative)
 
 
 # --------------------------------------------------------------------------- PML miners
@@ -601,3 +609,29 @@ def _enumerate_triplets(
         return parts[0]
     a, p, n = (torch.cat(column) for column in zip(*parts, strict=True))
     return a, p, n
+
+
+# PML's angle, hardness-rank and sampling miners live in their own file; exported from here.
+from .sampling_miners import (  # noqa: E402
+    AngularMiner,
+    DistanceWeightedMiner,
+    HDCMiner,
+    UniformHistogramMiner,
+)
+
+__all__ = [
+    "AngularMiner",
+    "BaseMiner",
+    "BatchEasyHardMiner",
+    "BatchHardMiner",
+    "DistanceWeightedMiner",
+    "HDCMiner",
+    "MultiSimilarityMiner",
+    "PairMarginMiner",
+    "STRATEGIES",
+    "SiameseEasyHardMiner",
+    "TRIPLET_TYPES",
+    "TripletEasyHardMiner",
+    "TripletMarginMiner",
+    "UniformHistogramMiner",
+]

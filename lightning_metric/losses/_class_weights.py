@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import IndicesTuple
+from .._checks import IndicesTuple, check_embeddings
+from ..distances import to_compute_dtype
 from ..regularizers import get_regularizer
 from ._reduction import SubLoss
 from .base import BaseMetricLoss
@@ -103,6 +104,24 @@ class BaseClassWeightsLoss(BaseMetricLoss):
             terms["weight_reg_loss"] = SubLoss(reg * self.weight_reg_weight, reduced=True)
         return terms
 
+    def get_logits(self, embeddings: Tensor) -> Tensor:
+        """The class logits ``(B, num_classes)`` of ``embeddings`` ``(B, D)``: the loss as a
+        classifier head.
+
+        The values PML 2.9's ``get_logits`` returns for the same weights (see each loss's
+        :meth:`class_logits` for what they are); no margin is applied, so they score
+        unseen embeddings. Differentiable; computed in float32 (or float64) under autocast,
+        like the loss.
+        """
+        check_embeddings("embeddings", embeddings)
+        self._check_size(embeddings)
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.class_logits(to_compute_dtype(embeddings))
+
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """:meth:`get_logits` on embeddings already in the compute dtype."""
+        raise NotImplementedError
+
     def class_loss(
         self, embeddings: Tensor, labels: Tensor, weights: Tensor | None
     ) -> dict[str, SubLoss]:
@@ -117,11 +136,7 @@ class BaseClassWeightsLoss(BaseMetricLoss):
         """Clear errors for inputs that the class weights cannot take."""
         if not same_set:
             raise ValueError(f"ref_emb is not supported by {type(self).__name__}")
-        if embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings have size {embeddings.shape[1]} but {type(self).__name__} was "
-                f"built with embedding_size={self.embedding_size}"
-            )
+        self._check_size(embeddings)
         if labels is None:
             raise ValueError(f"labels are required by {type(self).__name__}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -134,6 +149,13 @@ class BaseClassWeightsLoss(BaseMetricLoss):
             raise ValueError(
                 f"label {bad} is outside the expected range [0, {self.num_classes}) "
                 f"(num_classes={self.num_classes})"
+            )
+
+    def _check_size(self, embeddings: Tensor) -> None:
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings have size {embeddings.shape[1]} but {type(self).__name__} was "
+                f"built with embedding_size={self.embedding_size}"
             )
 
     def extra_repr(self) -> str:

@@ -101,6 +101,11 @@ class LargeMarginSoftmaxLoss(BaseClassWeightsLoss):
     def weight_rows(self, dtype: torch.dtype) -> Tensor:
         return self.W.to(dtype).T
 
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``scale * |x| |W_c| cos(theta_c) = scale * x . W_c``, ``(B, num_classes)``, no
+        margin (PML's ``get_logits``)."""
+        return (embeddings * self.scale) @ self.W.to(embeddings.dtype)
+
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
         """``(logits, cos_y, magnitude)``: every class's scaled logit before the margin
         ``(B, num_classes)``, the cosine to the own class ``(B,)`` and what multiplies the
@@ -139,6 +144,11 @@ class SphereFaceLoss(LargeMarginSoftmaxLoss):
         >>> loss = loss_fn(torch.randn(32, 64), torch.randint(0, 10, (32,)))
     """
 
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``scale * |x| cos(theta_c)``, ``(B, num_classes)``, no margin (PML's
+        ``get_logits``)."""
+        return (embeddings * self.scale) @ F.normalize(self.W.to(embeddings.dtype), dim=0)
+
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
         centres = F.normalize(weight, dim=0)
         x_norm = torch.linalg.vector_norm(embeddings, dim=1)
@@ -153,6 +163,11 @@ class _CosineMarginLoss(LargeMarginSoftmaxLoss):
 
     def check_margin(self, margin: float) -> float:
         return margin
+
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``scale * cos(theta_c)``, ``(B, num_classes)``, no margin (PML's ``get_logits``)."""
+        centres = F.normalize(self.W.to(embeddings.dtype), dim=0)
+        return (F.normalize(embeddings, dim=1) * self.scale) @ centres
 
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
         unit, centres = F.normalize(embeddings, dim=1), F.normalize(weight, dim=0)
@@ -291,11 +306,19 @@ class SubCenterArcFaceLoss(ArcFaceLoss):
         self.num_classes = num_classes
         self.sub_centers = sub_centers
 
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``scale * cos(theta_c)`` to each class's closest sub-centre, ``(B, num_classes)``,
+        no margin (PML's ``get_logits``)."""
+        return self._class_cosines(embeddings, self.W.to(embeddings.dtype)) * self.scale
+
     def logits_and_target_cosine(self, embeddings: Tensor, weight: Tensor, labels: Tensor):
+        cos = self._class_cosines(embeddings, weight)
+        return cos * self.scale, cos.gather(1, labels.unsqueeze(1)).squeeze(1), 1.0
+
+    def _class_cosines(self, embeddings: Tensor, weight: Tensor) -> Tensor:
         cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=0)
         # A class's cosine is its largest over its sub-centres (columns class-major).
-        cos = cos.view(len(embeddings), self.num_classes, self.sub_centers).max(dim=2).values
-        return cos * self.scale, cos.gather(1, labels.unsqueeze(1)).squeeze(1), 1.0
+        return cos.view(len(embeddings), self.num_classes, self.sub_centers).max(dim=2).values
 
     def get_outliers(
         self,
@@ -369,15 +392,19 @@ class NormalizedSoftmaxLoss(BaseClassWeightsLoss):
         return DotProductSimilarity()
 
     def class_loss(self, embeddings, labels, weights):
+        logits = self.class_logits(embeddings)
+        return {"loss": SubLoss(weighted_cross_entropy(logits, labels, weights))}
+
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``sim(x, W_c / |W_c|) / temperature`` (``-d(...) / temperature`` for a distance),
+        ``(B, num_classes)``: the logits of the loss (PML's ``get_logits``)."""
         centres = F.normalize(self.W.to(embeddings.dtype), p=self.distance.p, dim=0)
         if isinstance(self.distance, DotProductSimilarity) and self.distance.power == 1:
             # A dot product: divide the (B, D) embeddings, not the (B, C) logits.
             queries = self.distance.maybe_normalize(embeddings) / self.temperature
-            logits = queries @ centres
-        else:
-            sign = 1 if self.distance.is_inverted else -1  # a distance: closer, larger logit
-            logits = self.distance(embeddings, centres.T) / (sign * self.temperature)
-        return {"loss": SubLoss(weighted_cross_entropy(logits, labels, weights))}
+            return queries @ centres
+        sign = 1 if self.distance.is_inverted else -1  # a distance: closer, larger logit
+        return self.distance(embeddings, centres.T) / (sign * self.temperature)
 
     def weight_rows(self, dtype: torch.dtype) -> Tensor:
         return self.W.to(dtype).T

@@ -74,6 +74,15 @@ class P2SGradLoss(BaseClassWeightsLoss):
         target = F.one_hot(labels, self.num_classes).to(cos.dtype)
         return {"loss": SubLoss(F.mse_loss(cos.clamp(-1, 1), target), reduced=True)}
 
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``cos_ij`` ``(B, num_classes)``, clamped to ``[-1, 1]``: what the loss regresses
+        onto the one-hot labels. PML's P2SGradLoss has no ``get_logits``; these are the cosines
+        its forward computes (with the columns of ``weight`` taken at unit norm, here without
+        rewriting the parameter)."""
+        weight = self.weight.to(embeddings.dtype)
+        weight = weight / weight.norm(dim=0).clamp_min(torch.finfo(weight.dtype).tiny)
+        return ((embeddings @ weight) / embeddings.norm(dim=1, keepdim=True)).clamp(-1, 1)
+
     def weight_rows(self, dtype: torch.dtype) -> Tensor:
         return self.weight.T.to(dtype)
 

@@ -70,9 +70,16 @@ class ProxyNCALoss(BaseClassWeightsLoss):
     def class_loss(self, embeddings, labels, weights):
         # PML drops embeddings whose softmax probability underflows to 0; the stable
         # cross-entropy here never underflows, so every embedding counts.
-        mat = self.distance(embeddings, self.proxies.to(embeddings.dtype))
+        mat = self.class_logits(embeddings)
         logits = mat * (self.softmax_scale if self.distance.is_inverted else -self.softmax_scale)
         return {"loss": SubLoss(weighted_cross_entropy(logits, labels, weights))}
+
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``d(x, proxy_c)`` ``(B, num_classes)``, the distance matrix itself, as PML's
+        ``get_logits`` returns it: with the default (squared Euclidean) distance *smaller*
+        means closer, so the predicted class is the ``argmin`` (``loss.distance.closest``);
+        the loss's softmax logits are ``-softmax_scale`` times these."""
+        return self.distance(embeddings, self.proxies.to(embeddings.dtype))
 
     def weight_rows(self, dtype: torch.dtype) -> Tensor:
         return self.proxies.to(dtype)
@@ -134,8 +141,12 @@ class ProxyAnchorLoss(BaseClassWeightsLoss):
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """``s(x, proxy_c)`` ``(B, num_classes)``, cosine by default (PML's ``get_logits``)."""
+        return self.distance(embeddings, self.proxies.to(embeddings.dtype))
+
     def class_loss(self, embeddings, labels, weights):
-        sims = self.distance(embeddings, self.proxies.to(embeddings.dtype))
+        sims = self.class_logits(embeddings)
         offset = 0.0 if weights is None else (weights - 1).unsqueeze(1)
         own = F.one_hot(labels, self.num_classes).bool()
 
@@ -217,14 +228,19 @@ class SoftTripleLoss(BaseClassWeightsLoss):
     def default_distance(self) -> BaseDistance:
         return CosineSimilarity()
 
-    def class_loss(self, embeddings, labels, weights):
+    def class_logits(self, embeddings: Tensor) -> Tensor:
+        """The class similarities ``sum_k softmax_k(s_ck / gamma) * s_ck`` ``(B, num_classes)``,
+        before ``la`` and the margin (PML's ``get_logits``)."""
         # Centre-major columns (k * num_classes + c): the softmax over a class's centres
         # then runs over dim 1 of (B, K, C), far faster than over a trailing dim of size K.
         dim, k = self.embedding_size, self.centers_per_class
         centres = self.fc.to(embeddings.dtype).view(dim, self.num_classes, k).transpose(1, 2)
         sims = self.distance(embeddings, centres.reshape(dim, -1).T)
         sims = sims.view(len(embeddings), k, self.num_classes)
-        logits = self.la * _SoftMaxSimilarity.apply(sims, 1.0 / self.gamma)
+        return _SoftMaxSimilarity.apply(sims, 1.0 / self.gamma)
+
+    def class_loss(self, embeddings, labels, weights):
+        logits = self.la * self.class_logits(embeddings)
         margin = logits.new_full((len(labels), 1), -self.la * self.margin)
         logits = logits.scatter_add_(1, labels.unsqueeze(1), margin)
         return {"loss": SubLoss(weighted_cross_entropy(logits, labels, weights))}

@@ -60,6 +60,11 @@ class MultipleLosses(nn.Module):
         return total
 
 
+def _storage_dtype(embeddings: Tensor) -> torch.dtype:
+    """The memory's dtype for these embeddings: theirs, at least float32."""
+    return torch.promote_types(embeddings.dtype, torch.float32)
+
+
 def _aligned(name, values, keys, is_dict, all_keys):
     """``values`` as a ``{key: value}`` dict matching the losses' keys (a clear error if not)."""
     if values is None:
@@ -93,6 +98,16 @@ class CrossBatchMemory(nn.Module):
     distance 0 and PML's loss is 0 on every batch; here it is the loss of the closest
     *other* positive. Other miners (PML's, a plain callable) cannot take that keyword:
     their self-pairs are still dropped after mining, as in PML.
+
+    The memory keeps the embeddings' dtype: it takes the dtype of the batch it stores,
+    promoted to at least float32. Float64 embeddings are stored bit for bit (the memory
+    turns float64 when the first float64 batch is enqueued, its earlier rows converted);
+    float16 / bfloat16 embeddings (autocast, mixed precision) are stored in float32, which
+    holds them exactly and does not flip between the half- and single-precision outputs of
+    autocast's layers. The dtype changes only when a training batch is enqueued, never in
+    evaluation; ``load_state_dict`` adopts the saved memory's dtype (a float64 memory loads
+    into a fresh, float32 module unchanged), and ``.double()`` / ``.float()`` convert it
+    like any buffer.
 
     Evaluation never changes the memory. In eval mode (``not self.training``, as during
     Lightning's validation, test and sanity-check loops) the value is the loss of the
@@ -179,6 +194,8 @@ class CrossBatchMemory(nn.Module):
                     f"the batches of all ranks ({len(queued)} items) do not fit "
                     f"memory_size={self.memory_size}"
                 )
+        if self.training:
+            self._adopt_dtype(_storage_dtype(queued))
         memory, memory_labels, slots = self._memory_with(queued, queued_labels)
         if own_rows is not None:
             slots = slots[own_rows]
@@ -186,6 +203,19 @@ class CrossBatchMemory(nn.Module):
         tuples = self._indices(embeddings, labels, memory, memory_labels, indices_tuple,
                                slots if enqueue_mask is None else None)
         return self.loss(embeddings, labels, tuples, memory, memory_labels)
+
+    @torch.no_grad()
+    def _adopt_dtype(self, dtype: torch.dtype) -> None:
+        """Convert the memory to ``dtype`` in place of the same buffer object (so a
+        ``DistributedDataParallel`` that listed the buffers still holds it)."""
+        if self.embedding_memory.dtype != dtype:
+            self.embedding_memory.data = self.embedding_memory.data.to(dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "embedding_memory")
+        if isinstance(saved, Tensor) and saved.is_floating_point():
+            self._adopt_dtype(saved.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_sizes(self, embeddings, indices_tuple, enqueue_mask) -> None:
         if embeddings.shape[1] != self.embedding_size:
@@ -217,7 +247,7 @@ class CrossBatchMemory(nn.Module):
         start = int(self.queue_idx)
         slots = torch.arange(start, start + len(embeddings), device=embeddings.device)
         slots = slots % self.memory_size
-        rows = embeddings.detach().to(self.embedding_memory.dtype)
+        rows = embeddings.detach().to(_storage_dtype(embeddings))
         row_labels = labels.to(self.label_memory.dtype)
         new_idx = (start + len(embeddings)) % self.memory_size
         filled = bool(self.has_been_filled) or (len(embeddings) > 0 and new_idx <= start)
@@ -228,7 +258,8 @@ class CrossBatchMemory(nn.Module):
             self.has_been_filled.fill_(filled)
             memory, memory_labels = self.embedding_memory, self.label_memory
         else:
-            memory = self.embedding_memory.index_put((slots,), rows)
+            # As training would store it, without touching the buffer (dtype included).
+            memory = self.embedding_memory.to(rows.dtype).index_put((slots,), rows)
             memory_labels = self.label_memory.index_put((slots,), row_labels)
         size = self.memory_size if filled else new_idx
         return memory[:size], memory_labels[:size], slots
@@ -237,8 +268,9 @@ class CrossBatchMemory(nn.Module):
         """Eval mode, a batch larger than the memory (an evaluation batch): the filled memory
         with the whole batch appended after it, and the rows' positions in that."""
         filled = int(self.memory_size if self.has_been_filled else self.queue_idx)
-        memory = torch.cat([self.embedding_memory[:filled],
-                            embeddings.detach().to(self.embedding_memory.dtype)])
+        dtype = _storage_dtype(embeddings)
+        memory = torch.cat([self.embedding_memory[:filled].to(dtype),
+                            embeddings.detach().to(dtype)])
         memory_labels = torch.cat([self.label_memory[:filled],
                                    labels.to(self.label_memory.dtype)])
         slots = torch.arange(filled, filled + len(embeddings), device=embeddings.device)
