@@ -454,4 +454,8 @@ def test_every_paired_loss_config_instantiates_its_class():
         loss = instantiate(config)
         assert type(loss) is PAIR_LOSSES[name].loss_class, name
     assert instantiate(configs["clip"]).scale == pytest.approx(1 / 0.07, rel=1e-6)
-    assert builders.sampler_for(instantiate(configs["mnrl"]), "auto") == "random"
+    mnrl = instantiate(configs["mnrl"])   # the pairs data module resolves auto itself
+    assert builders.sampler_for(mnrl, "auto") == "auto"
+    assert builders.sampler_for(mnrl, "no_duplicates") == "no_duplicates"
+    with pytest.raises(ValueError, match="sampler=class does not batch pairs"):
+        builders.sampler_for(mnrl, "class")
