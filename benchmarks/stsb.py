@@ -93,8 +93,8 @@ def sentence_transformers_run(seed: int, subset: int | None,
         SentenceTransformer,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
-        losses,
     )
+    from sentence_transformers.sentence_transformer import losses
 
     first, second, scores = read_pairs("train.tsv")
     if subset is not None:
