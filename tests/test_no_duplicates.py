@@ -117,3 +117,32 @@ def test_a_trainer_sees_no_duplicate_text_in_a_batch_new_batches_each_epoch():
     assert epochs[0] != epochs[1] != epochs[2]
     assert _train(0, tokenizer) == epochs
     assert _train(1, tokenizer)[0] != epochs[0]
+
+
+def test_labelled_data_batches_without_a_label_twice_through_a_trainer():
+    from lightning_metric import losses
+    from lightning_metric.builders import sampler_for
+    from lightning_metric.data import DigitsDataModule
+    from lightning_metric.module import MetricLearningModule
+
+    arcface = losses.ArcFaceLoss(10, 8)
+    assert sampler_for(arcface, "no_duplicates") == "no_duplicates"
+    assert sampler_for(losses.TripletMarginLoss(), "no_duplicates") == "class"  # needs positives
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.current_epoch, batch[1].clone()))
+
+    data = DigitsDataModule(sampler="no_duplicates", batch_size=10, subset=300)
+    module = MetricLearningModule(nn.Sequential(nn.Flatten(), nn.Linear(64, 8)), arcface)
+    pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+               callbacks=[Record()]).fit(module, datamodule=data)
+    assert all(len(labels.unique()) == len(labels) for _, labels in seen)
+    first = torch.cat([labels for epoch, labels in seen if epoch == 0])
+    assert len(first) == len(data.train_set)                    # every item once an epoch
+    bad = DigitsDataModule(sampler="no_duplicates", batch_size=16)
+    bad.setup("fit")
+    with pytest.raises(ValueError, match=r"batch_size \(16\) must be at most the 10 training"):
+        bad.train_dataloader()

@@ -34,14 +34,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from ..samplers import ClassBalancedBatchSampler, RandomBatchSampler
+from ..samplers import ClassBalancedBatchSampler, NoDuplicatesBatchSampler, RandomBatchSampler
 from .in_memory import batched_view, collate_batches
 from .indexed import IndexedDataset
 from .roles import EvalRoles
 from .views import MultiViewDataset, collate_views
 
 PROTOCOLS = ("standard", "class_disjoint")
-SAMPLERS = ("class", "random")
+SAMPLERS = ("class", "random", "no_duplicates")
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = range(3)
 """Split codes of :attr:`Items.split`."""
@@ -75,8 +75,10 @@ class LabelledDataModule(pl.LightningDataModule):
     Args:
         batch_size: items per training batch; under DDP the global batch, shared by the
             devices (see :mod:`lightning_metric.samplers`).
-        sampler: ``class`` (P classes x ``m_per_class`` items) or ``random``; resolve
-            ``auto`` with :func:`lightning_metric.losses.registry.resolve_sampler` first.
+        sampler: ``class`` (P classes x ``m_per_class`` items), ``random`` or
+            ``no_duplicates`` (random batches in which no label appears twice: in-batch
+            negatives that are all of other classes); resolve ``auto`` with
+            :func:`lightning_metric.losses.registry.resolve_sampler` first.
         m_per_class: items per class in a class-balanced batch.
         batches_per_epoch: training batches per epoch (default: one pass over the data).
         drop_last: with the ``random`` sampler, drop the last, incomplete batch of an
@@ -384,6 +386,18 @@ class LabelledDataModule(pl.LightningDataModule):
             return ClassBalancedBatchSampler(
                 self.train_labels(), self.batch_size, self.m_per_class,
                 length=self.batches_per_epoch, seed=self.seed, num_replicas=replicas, rank=rank,
+            )
+        if self.sampler == "no_duplicates":  # random batches, no label twice in one
+            labels = self.train_labels()
+            classes = len(torch.unique(labels))
+            if self.batch_size > classes:
+                raise ValueError(
+                    f"data.sampler=no_duplicates puts no label twice in a batch: "
+                    f"data.batch_size ({self.batch_size}) must be at most the {classes} "
+                    "training classes")
+            return NoDuplicatesBatchSampler(
+                labels, self.batch_size, drop_last=self.drop_last, seed=self.seed,
+                num_replicas=replicas, rank=rank,
             )
         return RandomBatchSampler(
             len(self.train_set), self.batch_size, drop_last=self.drop_last, seed=self.seed,

@@ -17,8 +17,8 @@ from torch import nn
 
 CLASS_SAMPLER = "class"
 RANDOM_SAMPLER = "random"
-SAMPLER_CHOICES = ("auto", CLASS_SAMPLER, RANDOM_SAMPLER)
 NO_DUPLICATES_SAMPLER = "no_duplicates"
+SAMPLER_CHOICES = ("auto", CLASS_SAMPLER, RANDOM_SAMPLER, NO_DUPLICATES_SAMPLER)
 PAIR_SAMPLER_CHOICES = ("auto", RANDOM_SAMPLER, NO_DUPLICATES_SAMPLER)
 LABELLED = "labelled"
 TWO_VIEWS = "two_views"
@@ -160,10 +160,12 @@ def entry_for(loss: nn.Module) -> LossEntry | None:
 
 
 def resolve_sampler(requested: str, loss_name: str) -> str:
-    """``class`` or ``random`` for a labelled loss, by the ``sampler='auto'`` rule.
+    """``class``, ``random`` or ``no_duplicates`` for a labelled loss, by the
+    ``sampler='auto'`` rule.
 
     ``auto`` gives the loss's own family; contrastive losses get ``class`` whatever
-    was requested; classification-style losses honour an explicit request. A loss on
+    was requested; classification-style losses honour an explicit request
+    (``no_duplicates``: random batches with no label twice). A loss on
     paired fields gets the request unchanged (``auto``, ``random`` or ``no_duplicates``:
     :class:`~lightning_metric.data.PairDataModule` resolves ``auto``).
     """
@@ -174,9 +176,7 @@ def resolve_sampler(requested: str, loss_name: str) -> str:
                              f"{list(PAIR_SAMPLER_CHOICES)}")
         return requested
     if requested not in SAMPLER_CHOICES:
-        raise ValueError(f"unknown sampler {requested!r}: expected one of {list(SAMPLER_CHOICES)}"
-                         + (" (no_duplicates batches pairs: data=pairs with a pair loss)"
-                            if requested == NO_DUPLICATES_SAMPLER else ""))
+        raise ValueError(f"unknown sampler {requested!r}: expected one of {list(SAMPLER_CHOICES)}")
     if entry.contrastive or requested == "auto":
         return entry.default_sampler
     return requested
