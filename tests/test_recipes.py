@@ -88,6 +88,7 @@ def test_arcface_on_fashion_mnist_trains_hundreds_of_steps(tmp_path):
                *QUICK)
     found = metrics(tmp_path)
     assert found["test/precision_at_1"] > 0.7
+    assert found["test/classification_accuracy"] > 0.7   # ArcFace's centres as a classifier
     state = weights(tmp_path / "checkpoints" / "last.ckpt")
     assert state["loss.W"].shape == (128, 10)
 

@@ -58,6 +58,9 @@ class ProxyNCALoss(BaseClassWeightsLoss):
     """
 
     anchors_only = True
+    # get_logits returns ``self.distance`` values: the predicted class is
+    # ``self.distance.closest`` (argmin for the default distance), not the argmax.
+    logits_are_distances = True
 
     def __init__(self, num_classes: int, embedding_size: int, softmax_scale: float = 1, **kwargs):
         super().__init__(num_classes, embedding_size, **kwargs)
