@@ -43,6 +43,13 @@ CASES: dict[str, tuple[dict, dict]] = {
     "SupConLoss": ({}, {}),
     "TripletMarginLoss": ({}, {}),
     "TupletMarginLoss": ({}, {}),
+    # the rest of PML 2.9
+    "DynamicSoftMarginLoss": ({}, {}),
+    "HistogramLoss": ({}, {}),
+    "InstanceLoss": ({}, {}),
+    "PNPLoss": ({}, {}),
+    "RankedListLoss": ({"margin": 0.4, "Tn": 5}, {"margin": 0.4, "Tn": 5}),
+    "ThresholdConsistentMarginLoss": ({}, {}),
 }
 LEARNABLE = ["ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss", "SphereFaceLoss",
              "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss", "ProxyNCALoss", "ProxyAnchorLoss",
