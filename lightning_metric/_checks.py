@@ -37,6 +37,16 @@ def check_labels(name: str, labels: Tensor | None, embeddings: Tensor) -> Tensor
     return labels.to(embeddings.device)
 
 
+def check_ref_emb(ref_emb: Tensor, embeddings: Tensor) -> None:
+    """``ref_emb`` a floating 2-D tensor of the embeddings' size (any number of rows)."""
+    check_embeddings("ref_emb", ref_emb)
+    if ref_emb.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"ref_emb has embedding size {ref_emb.shape[1]} but embeddings have "
+            f"{embeddings.shape[1]}"
+        )
+
+
 def check_inputs(
     embeddings: Tensor,
     labels: Tensor | None,
@@ -50,12 +60,7 @@ def check_inputs(
     if ref_emb is None and ref_labels is not None:
         raise ValueError("ref_labels was given without ref_emb")
     if ref_emb is not None:
-        check_embeddings("ref_emb", ref_emb)
-        if ref_emb.shape[1] != embeddings.shape[1]:
-            raise ValueError(
-                f"ref_emb has embedding size {ref_emb.shape[1]} but embeddings have "
-                f"{embeddings.shape[1]}"
-            )
+        check_ref_emb(ref_emb, embeddings)
         if ref_labels is None and labels is not None:
             raise ValueError("ref_emb was given without ref_labels: pass both or neither")
         ref_labels = check_labels("ref_labels", ref_labels, ref_emb)

@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
@@ -50,6 +51,25 @@ def register_resolvers() -> None:
 
 def _train_classes(total: int, protocol: str) -> int:
     return int(total) // 2 if protocol == "class_disjoint" else int(total)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The ``device`` setting of the embedding recipes (predict, synthesize): ``auto`` (a
+    GPU when there is one), or any torch device name.
+
+    Raises:
+        ValueError: not a torch device name, or a CUDA device without CUDA.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:1 "
+                         "...)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}, but no CUDA device is available: use device=cpu")
+    return device
 
 
 def sampler_for(loss: nn.Module, requested: str) -> str:

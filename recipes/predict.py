@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -43,7 +42,7 @@ def predict(cfg: DictConfig) -> Predictions:
     """
     checkpoint = read_checkpoint(cfg.ckpt_path)
     _check_data(cfg)
-    device = _device(str(cfg.device))
+    device = builders.resolve_device(str(cfg.device))
     cfg = copy.deepcopy(cfg)
     if cfg.model.get("pretrained") or cfg.model.get("pretrained_path"):
         # the checkpoint's weights replace them: nothing to download or read
@@ -76,19 +75,6 @@ def _check_data(cfg: DictConfig) -> None:
     if not target.endswith("ManifestDataModule"):
         raise ValueError(f"recipes.predict embeds the rows of a manifest: use data=manifest "
                          f"data.path=new.csv (data is {target or 'unset'})")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:1 "
-                         "...)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}, but no CUDA device is available: use device=cpu")
-    return device
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")

@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -41,7 +40,7 @@ def run(cfg: DictConfig) -> Triplets:
     corpus = None if cfg.corpus.path is None else read_corpus(cfg.corpus.path,
                                                               cfg.corpus.column)
     output = Path(cfg.output or Path(HydraConfig.get().runtime.output_dir) / "triplets.tsv")
-    device = _device(str(cfg.device))
+    device = builders.resolve_device(str(cfg.device))
     teacher = builders.build_encoder(cfg)
     triplets = synthesize(teacher, pairs, corpus, num_negatives=cfg.num_negatives,
                           top_k=cfg.top_k, sampling=cfg.sampling, seed=cfg.seed,
@@ -53,19 +52,6 @@ def run(cfg: DictConfig) -> Triplets:
           "'data.fields={query: query, pos: pos, neg: neg}' data.target=margin "
           "data.group=query loss=margin_mse optimized_metric=val/spearman")
     return triplets
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:1 "
-                         "...)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}, but no CUDA device is available: use device=cpu")
-    return device
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="synthesize")

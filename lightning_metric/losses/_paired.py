@@ -74,6 +74,19 @@ def check_per_pair(owner: str, name: str, values: Tensor, like: Tensor) -> Tenso
     return values.to(like.dtype)
 
 
+def reject_bad_rows(owner: str, name: str, values: Tensor, bad: Tensor, rule: str,
+                    hint: str = "") -> None:
+    """Name the first row where ``bad`` ``(B,)`` is true, with its value.
+
+    Raises:
+        ValueError: ``"<owner>: <name> <rule>, got <value> at row <i>[ <hint>]"``.
+    """
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        raise ValueError(f"{owner}: {name} {rule}, got {float(values[first])} at row {first}"
+                         + (f" {hint}" if hint else ""))
+
+
 def gather_candidates(gather_distributed: bool | None, owner: str, fields: list[Tensor]):
     """Every rank's rows of ``fields`` (each ``(B_r, D)``), or None when not gathering.
 

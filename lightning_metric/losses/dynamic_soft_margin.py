@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_embeddings
+from .._checks import check_embeddings, check_ref_emb
 from ..distances import LpDistance, to_compute_dtype
 from ..indices import to_triplets
 from ._reduction import SubLoss, connected_zero, reduce_all
@@ -115,12 +115,7 @@ class DynamicSoftMarginLoss(BaseMetricLoss):
         if ref_labels is not None:
             raise ValueError("ref_labels was given without labels")
         if ref_emb is not None:
-            check_embeddings("ref_emb", ref_emb)
-            if ref_emb.shape[1] != embeddings.shape[1]:
-                raise ValueError(
-                    f"ref_emb has embedding size {ref_emb.shape[1]} but embeddings have "
-                    f"{embeddings.shape[1]}"
-                )
+            check_ref_emb(ref_emb, embeddings)
         with torch.autocast(embeddings.device.type, enabled=False):
             emb = to_compute_dtype(embeddings)
             ref = emb if ref_emb is None else to_compute_dtype(ref_emb)

@@ -32,6 +32,7 @@ from ._paired import (
     gather_candidates,
     get_similarity,
     mean_over_pairs,
+    reject_bad_rows,
 )
 from ._reduction import connected_zero
 from .infonce import info_nce, similarity_logits
@@ -201,13 +202,9 @@ class CosineSimilarityLoss(nn.Module):
         name = type(self).__name__
         a, b = check_pairs(name, a=a, b=b)
         scores = check_per_pair(name, "scores", scores, a)
-        outside = (scores < 0) | (scores > 1) | scores.isnan()
-        if outside.any():
-            first = int(outside.nonzero()[0])
-            raise ValueError(
-                f"{name}: scores must lie in [0, 1], got {float(scores[first])} at row "
-                f"{first} (scale graded labels first, e.g. STS-B's 0-5 divided by 5)"
-            )
+        reject_bad_rows(name, "scores", scores, (scores < 0) | (scores > 1) | scores.isnan(),
+                        "must lie in [0, 1]",
+                        "(scale graded labels first, e.g. STS-B's 0-5 divided by 5)")
         with torch.autocast(a.device.type, enabled=False):
             if len(a) == 0:
                 return connected_zero(a, b)
@@ -248,13 +245,8 @@ class CosineEmbeddingLoss(nn.Module):
         name = type(self).__name__
         a, b = check_pairs(name, a=a, b=b)
         target = check_per_pair(name, "target", target, a)
-        bad = (target != 1) & (target != -1)
-        if bad.any():
-            first = int(bad.nonzero()[0])
-            raise ValueError(
-                f"{name}: target must be 1 (similar) or -1 (dissimilar), got "
-                f"{float(target[first])} at row {first}"
-            )
+        reject_bad_rows(name, "target", target, (target != 1) & (target != -1),
+                        "must be 1 (similar) or -1 (dissimilar)")
         with torch.autocast(a.device.type, enabled=False):
             if len(a) == 0:
                 return connected_zero(a, b)
