@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from .data.roles import EvalRoles
+from .eval_outputs import EvalOutputsCallback
 from .evaluation import RECALL_KS, RetrievalResults
 from .paired import batch_size
 from .plot_worker import PlotWorker, draw_embeddings, shared_worker
@@ -348,7 +349,7 @@ def _log_image(trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
             logger.experiment.add_image(key, image[..., :3], step, dataformats="HWC")
 
 
-class RetrievalMetrics(pl.Callback):
+class RetrievalMetrics(EvalOutputsCallback):
     """Logs retrieval metrics of the validation and test embeddings: ``val/<key>``, ``test/<key>``.
 
     At the end of each validation (test) epoch one nearest-neighbour search
@@ -424,25 +425,11 @@ class RetrievalMetrics(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.metric = self.metric.to(pl_module.device)
 
-    def _update(self, outputs) -> None:
+    def collect(self, trainer, pl_module, outputs, batch, stage: str) -> None:
         if isinstance(outputs, dict) and "embeddings" in outputs:
             self.metric.update(outputs["embeddings"], outputs["labels"], outputs.get("indices"))
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
-        self._update(outputs)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                          dataloader_idx=0) -> None:
-        self._update(outputs)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, pl_module, "test")
-
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.metric.update_called:
             return
         roles = _eval_roles(trainer, stage)
@@ -486,7 +473,7 @@ def _eval_roles(trainer: pl.Trainer, stage: str) -> EvalRoles | None:
     return None if eval_roles is None else eval_roles(stage)
 
 
-class SimilarityCorrelation(pl.Callback):
+class SimilarityCorrelation(EvalOutputsCallback):
     """Logs ``<stage>/spearman`` and ``<stage>/pearson``: how the model's similarity of each
     evaluation pair follows its gold score.
 
@@ -513,27 +500,13 @@ class SimilarityCorrelation(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.metrics = {name: metric.to(pl_module.device) for name, metric in self.metrics.items()}
 
-    def _update(self, outputs) -> None:
+    def collect(self, trainer, pl_module, outputs, batch, stage: str) -> None:
         if isinstance(outputs, dict) and "similarity" in outputs:
             for metric in self.metrics.values():
                 metric.update(outputs["similarity"].float(), outputs["target"].float())
             self._updated = True
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
-        self._update(outputs)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                          dataloader_idx=0) -> None:
-        self._update(outputs)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "test")
-
-    def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self._updated:
             return
         for name, metric in self.metrics.items():

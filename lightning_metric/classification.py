@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from .eval_outputs import VAL, EvalOutputsCallback
 from .metrics import EmbeddingCollector
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def classification_accuracy(loss: nn.Module, embeddings: Tensor, labels: Tensor)
     return correct.float().mean().item()
 
 
-class ClassificationAccuracy(pl.Callback):
+class ClassificationAccuracy(EvalOutputsCallback):
     """Logs ``<stage>/classification_accuracy`` for losses that are classifiers.
 
     For a module whose ``loss`` has ``get_logits`` (and ``num_classes``), the validation
@@ -85,28 +86,15 @@ class ClassificationAccuracy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.collector = self.collector.to(pl_module.device)
 
-    def _collect(self, pl_module: pl.LightningModule, outputs) -> None:
+    def collect(self, trainer, pl_module, outputs, batch, stage: str) -> None:
+        if stage == VAL and not self.on_validation:
+            return
         if (self._classifier(pl_module) is not None and isinstance(outputs, dict)
                 and "embeddings" in outputs):
             self.collector.update(outputs["embeddings"], outputs["labels"],
                                   outputs.get("indices"))
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
-        if self.on_validation:
-            self._collect(pl_module, outputs)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                          dataloader_idx=0) -> None:
-        self._collect(pl_module, outputs)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(pl_module, "test")
-
-    def _log(self, pl_module: pl.LightningModule, stage: str) -> None:
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loss = self._classifier(pl_module)
         if loss is None or not self.collector.update_called:
             self.collector.reset()

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from .eval_outputs import EvalOutputsCallback
 from .metrics import EmbeddingCollector
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 """The template of data that names its classes but has no captions of its own."""
 
 
-class ZeroShotAccuracy(pl.Callback):
+class ZeroShotAccuracy(EvalOutputsCallback):
     """Logs ``<stage>/zero_shot_accuracy``: each evaluation image classified by the nearest
     class embedding, the class embeddings made from captions of the class names.
 
@@ -74,27 +75,13 @@ class ZeroShotAccuracy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.collector = self.collector.to(pl_module.device)
 
-    def _update(self, outputs: Any, batch: Any) -> None:
+    def collect(self, trainer, pl_module, outputs: Any, batch: Any, stage: str) -> None:
         is_images = isinstance(batch, tuple | list) and isinstance(batch[0], Tensor)
         if is_images and isinstance(outputs, Mapping) and "embeddings" in outputs:
             self.collector.update(outputs["embeddings"], outputs["labels"],
                                   outputs.get("indices"))
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                                dataloader_idx=0) -> None:
-        self._update(outputs, batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
-                          dataloader_idx=0) -> None:
-        self._update(outputs, batch)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._log(trainer, pl_module, "test")
-
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.collector.update_called:
             return
         images, labels = self.collector.compute()   # every rank: a collective under DDP
