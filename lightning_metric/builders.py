@@ -21,8 +21,8 @@ from torch import nn
 
 from .data.image_folder import folder_class_names
 from .data.manifest import manifest_class_names
-from .losses.registry import LABELLED, entry_for, resolve_sampler
-from .module import FINE_TUNING_DEFAULTS, MetricLearningModule
+from .losses.registry import entry_for, resolve_sampler
+from .module import FINE_TUNING_DEFAULTS, MetricLearningModule, loss_inputs_of
 from .paired import PAIR_SHAPES
 from .transforms import build_transforms
 
@@ -158,8 +158,7 @@ def check_batch_shape(loss: nn.Module, datamodule: pl.LightningDataModule) -> No
     Raises:
         ValueError: naming the loss, what it takes and what the data gives.
     """
-    entry = entry_for(loss)
-    takes = LABELLED if entry is None else entry.inputs
+    takes = loss_inputs_of(loss)
     gives = getattr(datamodule, "shapes", None)  # None: (x, label) items
     name = type(loss).__name__
     if gives is None and takes in PAIR_SHAPES:

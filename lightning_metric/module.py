@@ -415,13 +415,13 @@ class MetricLearningModule(pl.LightningModule):
         self._eval_losses.clear()
 
 
-def _loss_inputs(loss: nn.Module, miner: nn.Module | None) -> str:
-    """How the training step calls ``loss``: the registry's ``inputs``; for a loss outside the
-    registry its ``loss_inputs`` attribute (``"two_views"``, ``"embeddings"``), else
-    ``labelled``.
+def loss_inputs_of(loss: nn.Module) -> str:
+    """What ``loss`` is called with: the registry's ``inputs``; for a loss outside the
+    registry its ``loss_inputs`` attribute (``"two_views"``, ``"embeddings"``, a pair
+    shape), else ``labelled``.
 
     Raises:
-        ValueError: an unknown ``loss_inputs``, or a miner with a loss that takes no labels.
+        ValueError: an unknown ``loss_inputs``.
     """
     entry = entry_for(loss)
     inputs = getattr(loss, "loss_inputs", LABELLED) if entry is None else entry.inputs
@@ -429,6 +429,16 @@ def _loss_inputs(loss: nn.Module, miner: nn.Module | None) -> str:
     if inputs not in known:
         raise ValueError(
             f"{type(loss).__name__}.loss_inputs={inputs!r}: expected one of {list(known)}")
+    return inputs
+
+
+def _loss_inputs(loss: nn.Module, miner: nn.Module | None) -> str:
+    """:func:`loss_inputs_of`, refusing a miner for a loss that takes no labels.
+
+    Raises:
+        ValueError: an unknown ``loss_inputs``, or a miner with a loss that takes no labels.
+    """
+    inputs = loss_inputs_of(loss)
     if miner is not None and inputs != LABELLED:
         raise ValueError(
             f"{type(loss).__name__} takes no labels ({inputs}), so a miner has nothing to "

@@ -149,3 +149,19 @@ def test_clip_trains_its_logit_scale_through_the_loss_optimizer():
     trainer.fit(module, DataLoader(ImageText(), batch_size=8))
     assert len(trainer.optimizers) == 2 and not torch.equal(scale, module.loss.logit_scale)
     assert trainer.global_step == 4                    # steps count batches, not optimizers
+
+
+def test_the_recipe_refuses_labelled_data_for_a_pair_loss_of_the_registry_or_the_users():
+    from lightning_metric.builders import check_batch_shape
+    from lightning_metric.data import DigitsDataModule
+
+    class MyPairLoss(nn.Module):
+        loss_inputs = "pair"     # outside the registry: the same rule as the module's
+
+        def forward(self, query, doc):
+            return (query - doc).pow(2).mean()
+
+    for loss in (losses.MultipleNegativesRankingLoss(), MyPairLoss()):
+        with pytest.raises(ValueError, match="gives \\(x, label\\) items: use data=pairs"):
+            check_batch_shape(loss, DigitsDataModule())
+    check_batch_shape(losses.TripletMarginLoss(), DigitsDataModule())   # labelled: fine
