@@ -14,6 +14,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+MAX_LEGEND = 20
+"""Classes named in a picture's legend at most; more are drawn without one."""
+
 
 def fixed_subset(n: int, max_points: int, seed: int) -> Tensor:
     """Indices of at most ``max_points`` of ``n`` items, the same for the same (n, seed)."""
@@ -86,9 +89,49 @@ def plot_embeddings(
     return path
 
 
+def plot_side_by_side(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 5000,
+    seed: int = 0,
+) -> Path:
+    """Write one PNG of several UMAP projections side by side (one loss each, say).
+
+    Args:
+        panels: ``(title, embeddings (N, D), labels (N,))`` per panel; each panel draws the
+            same ``max_points`` items when the sets are the same size.
+        path: the PNG written (folders created).
+        class_names: the legend's names of the labels.
+
+    Raises:
+        ValueError: no panel, shapes that do not match, or fewer than 4 points.
+    """
+    if not panels:
+        raise ValueError("plot_side_by_side needs at least one panel")
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), dpi=100,
+                                squeeze=False)
+    for panel_axes, (title, embeddings, labels) in zip(axes[0], panels, strict=True):
+        if embeddings.ndim != 2 or len(embeddings) != len(labels) or len(labels) < 4:
+            raise ValueError(f"panel {title!r}: embeddings must be (N, D), N >= 4, with one "
+                             f"label each; got {embeddings.shape} and {len(labels)} labels")
+        keep = fixed_subset(len(labels), max_points, seed).numpy()
+        points = umap_2d(np.asarray(embeddings, dtype=np.float32)[keep], seed)
+        _scatter(panel_axes, points, np.asarray(labels)[keep], class_names, None)
+        panel_axes.set_title(title)
+        panel_axes.set_xticks([])
+        panel_axes.set_yticks([])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
 def _scatter(axes, points: np.ndarray, colour_ids: np.ndarray, names: Sequence[str] | None,
              queries: np.ndarray | None) -> None:
-    """One colour per id (named in the legend); circles for queries, crosses for gallery."""
+    """One colour per id (named in the legend, up to ``MAX_LEGEND`` ids); circles for queries,
+    crosses for gallery."""
     values = np.unique(colour_ids)
     colours = plt.get_cmap("tab20" if len(values) > 10 else "tab10")
     shapes = [("o", np.ones(len(points), dtype=bool), "")]
@@ -102,4 +145,5 @@ def _scatter(axes, points: np.ndarray, colour_ids: np.ndarray, names: Sequence[s
                 axes.scatter(points[chosen, 0], points[chosen, 1], s=4 if marker == "o" else 8,
                              marker=marker, color=colours(i % colours.N),
                              label=f"{name}{suffix}", linewidths=0.6)
-    axes.legend(markerscale=3, fontsize=7, loc="best")
+    if len(values) <= MAX_LEGEND:  # a legend of hundreds of instances hides the picture
+        axes.legend(markerscale=3, fontsize=7, loc="best")

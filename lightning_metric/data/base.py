@@ -300,7 +300,10 @@ class LabelledDataModule(pl.LightningDataModule):
         order = _stratified_order(train_y, generator)
         if self.subset is not None:
             order = order[: self.subset]
-        if val_y is None:
+        if val_y is None and self.protocol == "class_disjoint":  # no cut, see below
+            fit = val = val_pool = order
+            val_labels = train_y
+        elif val_y is None:
             n_val = max(int(len(order) * self.val_fraction), 1)
             val, fit = _paired(order[:n_val], order[n_val:], train_y)
             val_pool, val_labels = order, train_y
