@@ -3,11 +3,17 @@
     python -m benchmarks.losses                      # every loss, B in 128 512 1024
     python -m benchmarks.losses --losses NTXentLoss TripletMarginLoss --batch-sizes 512
     python -m benchmarks.losses --losses ArcFaceLoss --batch-sizes 512 --num-classes 1000 100000
+    python -m benchmarks.losses --losses HDCMiner DistanceWeightedMiner --batch-sizes 512
 
 Each (loss, library, batch size) runs in a fresh process with 2 threads (CPU) so
-peak memory is measured per case. Embeddings are (B, 128); pair- and
-triplet-based losses get 4 items per class, losses with learnable class
-weights get labels drawn uniformly from ``--num-classes`` classes (default 1000).
+peak memory is measured per case. Embeddings are (B, 128), drawn from a seeded
+generator, so both libraries get the same; pair- and triplet-based losses get 4 items
+per class, losses with learnable class weights get labels drawn uniformly from
+``--num-classes`` classes (default 1000). The two-view losses (VICReg, SelfSupervised
+around a ContrastiveLoss) get two (B, 128) views, ManifoldLoss (K=50 proxies) the same
+meta-classes on both sides. Miners: the time and memory of mining one batch of 4 items
+per class (no backward); the sampling miners draw from ``seed=0`` (ours) and from
+torch's global generator seeded 0 (PML's).
 Times: both libraries alternate in one process (median of at least 5 runs each),
 so machine noise falls on both alike; memory: each library alone in a fresh process.
 Prints a markdown table of medians and ratios ours/PML (below 1 is better).
@@ -16,6 +22,7 @@ Prints a markdown table of medians and ratios ours/PML (below 1 is better).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 
 import torch
@@ -53,35 +60,78 @@ CASES: dict[str, tuple[dict, dict]] = {
 }
 LEARNABLE = ["ArcFaceLoss", "CosFaceLoss", "SubCenterArcFaceLoss", "SphereFaceLoss",
              "LargeMarginSoftmaxLoss", "NormalizedSoftmaxLoss", "ProxyNCALoss", "ProxyAnchorLoss",
-             "SoftTripleLoss"]
+             "SoftTripleLoss", "P2SGradLoss"]
 CASES.update({name: ({}, {}) for name in LEARNABLE})
+SIZE_ARGUMENT = {"P2SGradLoss": "descriptors_dim"}  # else "embedding_size"
+# Two views of the batch: loss_fn(embeddings, ref_emb=ref_emb); no labels.
+TWO_VIEWS = ["VICRegLoss", "SelfSupervisedLoss"]
+WRAPPED = {"SelfSupervisedLoss": "ContrastiveLoss"}  # the same inner loss on both sides
+CASES.update({name: ({}, {}) for name in TWO_VIEWS})
+# Proxies learnt by the loss, batch items assigned to them: loss_fn(embeddings, indices_tuple=meta).
+MANIFOLD_PROXIES = 50
+CASES["ManifoldLoss"] = ({"l": DIM, "K": MANIFOLD_PROXIES}, {"l": DIM, "K": MANIFOLD_PROXIES})
+# Miners: one batch mined, no backward.
+MINERS: dict[str, tuple[dict, dict]] = {
+    "AngularMiner": ({}, {}),
+    "HDCMiner": ({}, {}),
+    "DistanceWeightedMiner": ({"seed": 0}, {}),  # PML's draws from torch's seeded generator
+    "UniformHistogramMiner": ({"seed": 0}, {}),
+}
+CASES.update(MINERS)
 
 
 def make_loss(library: str, name: str, num_classes: int):
+    """One library's loss (or miner) ``name``, built with that library's kwargs."""
     ours_kwargs, pml_kwargs = CASES[name]
+    kwargs = dict(ours_kwargs if library == "ours" else pml_kwargs)
     if name in LEARNABLE:
-        size = {"num_classes": num_classes, "embedding_size": DIM}
-        ours_kwargs, pml_kwargs = {**ours_kwargs, **size}, {**pml_kwargs, **size}
+        kwargs.update({"num_classes": num_classes, SIZE_ARGUMENT.get(name, "embedding_size"): DIM})
+    kind = "miners" if name in MINERS else "losses"
     if library == "ours":
-        from lightning_metric import losses
-        return getattr(losses, name)(**ours_kwargs)
-    from pytorch_metric_learning import losses
-    return getattr(losses, name)(**pml_kwargs)
+        module = importlib.import_module(f"lightning_metric.{kind}")
+    else:
+        module = importlib.import_module(f"pytorch_metric_learning.{kind}")
+    if name in WRAPPED:
+        kwargs["loss"] = getattr(module, WRAPPED[name])()
+    return getattr(module, name)(**kwargs)
 
 
 def make_step(name: str, library: str, batch_size: int, device: str, num_classes: int):
-    """A forward+backward of one library's loss on fixed (seeded) tensors."""
+    """A forward+backward of one library's loss (a miner: one mining) on fixed (seeded) tensors."""
     torch.manual_seed(0)
     loss_fn = make_loss(library, name, num_classes).to(device)
-    embeddings = torch.randn(batch_size, DIM, device=device, requires_grad=True)
+    inputs = torch.Generator().manual_seed(0)  # the same tensors whatever the loss's init drew
+    embeddings = torch.randn(batch_size, DIM, generator=inputs).to(device).requires_grad_()
     if name in LEARNABLE:
-        labels = torch.randint(num_classes, (batch_size,), device=device)
+        labels = torch.randint(num_classes, (batch_size,), generator=inputs).to(device)
     else:
         labels = torch.arange(batch_size // 4, device=device).repeat_interleave(4)
+    leaves = [embeddings]
+    if name in MINERS:
+        def call():
+            loss_fn(embeddings, labels)
+            return None
+    elif name in TWO_VIEWS:
+        ref_emb = torch.randn(batch_size, DIM, generator=inputs).to(device).requires_grad_()
+        leaves.append(ref_emb)
+        def call():
+            return loss_fn(embeddings, ref_emb=ref_emb)
+    elif name == "ManifoldLoss":
+        drawn = torch.randint(MANIFOLD_PROXIES, (batch_size - MANIFOLD_PROXIES,), generator=inputs)
+        meta = torch.cat((torch.arange(MANIFOLD_PROXIES), drawn))
+        meta = meta[torch.randperm(batch_size, generator=inputs)].to(device)
+        def call():
+            return loss_fn(embeddings, indices_tuple=meta)
+    else:
+        def call():
+            return loss_fn(embeddings, labels)
 
     def step():
-        loss_fn(embeddings, labels).backward()
-        embeddings.grad = None
+        loss = call()
+        if loss is not None:
+            loss.backward()
+        for leaf in leaves:
+            leaf.grad = None
         if device == "cuda":
             torch.cuda.synchronize()
 

@@ -39,3 +39,15 @@ def test_data_throughput_runs_both_sides_and_prints_the_table():
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert len(cells) == 10
     assert all(float(cell) > 0 for cell in cells[-3:]), row
+
+
+def test_losses_benchmark_runs_a_miner_on_both_sides():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.losses", "--losses", "HDCMiner", "--batch-sizes", "32"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| HDCMiner | 32 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert len(cells) == 9, row
+    assert all(float(cell) >= 0 for cell in cells[3:]), row  # both sides measured

@@ -6,7 +6,8 @@ Under DDP it computes the whole gathered batch on every rank (``gather_mode = "g
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..distances import BaseDistance, CosineSimilarity
 from ._reduction import SubLoss
@@ -60,9 +61,32 @@ class InstanceLoss(BaseMetricLoss):
             raise ValueError("InstanceLoss does not support an indices_tuple (nor a miner)")
         if not same_set:
             raise ValueError("InstanceLoss does not support ref_emb / ref_labels")
-        logits = self.distance(embeddings) * self.gamma
+        logits = self.distance(embeddings).mul_(self.gamma)  # nothing saved the raw matrix
         _, target = torch.unique(labels, return_inverse=True)
-        return {"loss": SubLoss(F.cross_entropy(logits, target, reduction="none"))}
+        return {"loss": SubLoss(_CrossEntropy.apply(logits, target))}
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}"
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Row-wise ``F.cross_entropy(logits, target, reduction="none")`` keeping one ``(N, M)``
+    matrix, the softmax, for the backward (autograd's keeps the log-softmax and builds two
+    gradients beside it). ``lse = max(x) - log(max(softmax(x)))``, as in ``_RowLogSumExp``
+    (``infonce.py``). Differentiable once (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
+        probs = torch.softmax(logits, dim=1)
+        ctx.save_for_backward(probs, target)
+        picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        return logits.amax(dim=1) - probs.amax(dim=1).log() - picked
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        probs, target = ctx.saved_tensors
+        grad_logits = probs * grad.unsqueeze(1)
+        grad_logits.scatter_add_(1, target.unsqueeze(1), -grad.unsqueeze(1))
+        return grad_logits, None

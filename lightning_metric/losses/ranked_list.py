@@ -85,13 +85,14 @@ class RankedListLoss(BaseMetricLoss):
         if not same_set:
             raise ValueError("RankedListLoss does not support ref_emb / ref_labels")
         mat = self.distance(embeddings)
-        eye = torch.eye(len(mat), dtype=torch.bool, device=mat.device)
-        mat = mat.masked_fill(eye, 0)
+        # The diagonal is in neither mask (a positive needs i != j, a negative another label);
+        # PML also skips the pairs at distance 0 (duplicates).
         positive, negative = label_masks(labels, labels, True)
         nonzero = mat > 0
         pos_boundary = self.alpha - self.margin
-        active_pos = positive & (mat > pos_boundary) & nonzero
-        active_neg = negative & (mat < self.alpha) & nonzero
+        active_pos = positive.logical_and_(mat > pos_boundary).logical_and_(nonzero)
+        active_neg = negative.logical_and_(mat < self.alpha).logical_and_(nonzero)
+        del nonzero
         loss_pos = _weighted_mean(mat - pos_boundary, self.Tp, active_pos)
         loss_neg = _weighted_mean(self.alpha - mat, self.Tn, active_neg)
         loss = (1 - self.imbalance) * loss_pos + self.imbalance * loss_neg
@@ -104,7 +105,11 @@ class RankedListLoss(BaseMetricLoss):
 
 def _weighted_mean(excess: Tensor, temperature: float, active: Tensor) -> Tensor:
     """Per row, ``sum w * excess / (sum w + cols * eps)`` over the active entries,
-    ``w = exp(temperature * excess)``."""
-    excess = torch.where(active, excess, torch.zeros_like(excess))
-    weights = torch.where(active, torch.exp(temperature * excess), torch.zeros_like(excess))
-    return (weights * excess).sum(dim=1) / (weights.sum(dim=1) + active.shape[1] * _EPS)
+    ``w = exp(temperature * excess)``; ``excess`` (a fresh tensor) is overwritten."""
+    inactive = ~active
+    excess = excess.masked_fill_(inactive, 0)
+    cols_eps = excess.shape[1] * _EPS
+    if temperature == 0:  # w = 1: the weights are the mask, with nothing to differentiate
+        return excess.sum(dim=1) / (active.sum(dim=1, dtype=excess.dtype) + cols_eps)
+    weights = torch.exp(temperature * excess)  # 1 where inactive, but excess is 0 there
+    return (weights * excess).sum(dim=1) / (weights.masked_fill(inactive, 0).sum(dim=1) + cols_eps)
