@@ -57,19 +57,22 @@ def compare(cfg: DictConfig) -> Path:
     plan = plan_of(cfg)
     figure = cfg.figure
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    started, results = time.perf_counter(), []
+    started, results, source = time.perf_counter(), [], commit()  # the code the runs use
     for number, cell in enumerate(plan.cells, start=1):
         print(f"[{number}/{len(plan.cells)}] {cell.name}", flush=True)
         export = cell.setup == figure.setup and cell.loss in figure.losses
         results.append(run_cell(plan, cell, output_dir, export=export,
                                 log=lambda line: print(f"  {line}", flush=True)))
-    minutes = (time.perf_counter() - started) / 60
-    header = (f"# Loss comparison\n\nCommit {commit()}; {len(plan.seeds)} seeds "
-              f"{list(plan.seeds)}; every run: `{' '.join(plan.train_overrides)}`; settings "
-              f"chosen on {plan.optimized_metric}; {minutes:.0f} minutes in all.")
-    write_csv(run_rows(results, plan.optimized_metric), output_dir / "results.csv")
-    print(write_markdown(results, plan.setups, plan.optimized_metric, header,
-                         output_dir / "results.md"))
+        # after every cell, so that a comparison stopped half-way keeps what it finished
+        minutes = (time.perf_counter() - started) / 60
+        header = (f"# Loss comparison\n\nCommit {source}; {len(plan.seeds)} seeds "
+                  f"{list(plan.seeds)}; every run: `{' '.join(plan.train_overrides)}`; "
+                  f"settings chosen on {plan.optimized_metric}; {number} of "
+                  f"{len(plan.cells)} cells, {minutes:.0f} minutes.")
+        write_csv(run_rows(results, plan.optimized_metric), output_dir / "results.csv")
+        table = write_markdown(results, plan.setups, plan.optimized_metric, header,
+                               output_dir / "results.md")
+    print(table)
     if figure.setup in plan.setups and all(loss in plan.losses for loss in figure.losses):
         fmnist = "data=fmnist" in plan.setup_overrides[figure.setup]  # its labels are classes
         path = umap_figure(results, figure.setup, figure.losses, output_dir / "umap.png",

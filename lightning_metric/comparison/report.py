@@ -70,10 +70,12 @@ def markdown_table(results: Sequence[CellResult], setup: str, metric: str) -> st
 
 def write_markdown(results: Sequence[CellResult], setups: Sequence[str], metric: str,
                    header: str, path: Path) -> str:
-    """``results.md``: ``header``, then one table a setup; returns the text."""
+    """``results.md``: ``header``, then one table a setup with results; returns the text."""
     parts = [header]
+    done = {result.cell.setup for result in results}
     for setup in setups:
-        parts += [f"## {setup}", markdown_table(results, setup, metric)]
+        if setup in done:
+            parts += [f"## {setup}", markdown_table(results, setup, metric)]
     text = "\n\n".join(parts) + "\n"
     path.write_text(text)
     return text
