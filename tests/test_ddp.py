@@ -27,9 +27,13 @@ from lightning_metric.data.indexed import IndexedDataset
 from lightning_metric.encoders import SmallCNN
 from lightning_metric.losses import TripletMarginLoss
 from lightning_metric.metrics import EmbeddingCollector, in_dataset_order
+from lightning_metric.plot_worker import PlotWorker
 from lightning_metric.samplers import ClassBalancedBatchSampler, RandomBatchSampler
 
 ODD_VALIDATION = 0.105   # 151 of the 1,442 training digits; the test split has 355
+# the ranks are forked from this process: real processes, without the ~15 s that each
+# spawned rank spends importing torch and Lightning again
+STRATEGY = "ddp_fork"
 
 
 # -- the ordering rule, in one process -----------------------------------------------------------
@@ -111,10 +115,12 @@ def evaluate(module: MetricLearningModule, devices: int, tmp_path: Path) -> dict
                                   eval_batch_size=64)
     callbacks = [RetrievalMetrics()]
     if devices > 1:   # the picture gathers too (a UMAP costs ~40 s here: drawn once)
-        callbacks.append(EmbeddingPlot(on_test=True, max_points=400,
+        # its own worker, started by rank 0: a forked rank cannot use a worker that this
+        # process started (the shared one, when an earlier test drew a picture)
+        callbacks.append(EmbeddingPlot(on_test=True, max_points=400, worker=PlotWorker(),
                                        dirpath=str(tmp_path / "plots")))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        accelerator="cpu", devices=devices, strategy=STRATEGY if devices > 1 else "auto",
         use_distributed_sampler=False, logger=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=callbacks,
     )
@@ -160,7 +166,7 @@ def own_metrics(encoder: torch.nn.Module, devices: int) -> dict[str, float]:
     datamodule.setup()
     dataset = IndexedDataset(datamodule.test_set)   # 355 items: padding on 2 ranks
     trainer = pl.Trainer(accelerator="cpu", devices=devices,
-                         strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
+                         strategy=STRATEGY if devices > 1 else "auto", logger=False,
                          enable_progress_bar=False, enable_model_summary=False)
     # Lightning's own DistributedSampler (use_distributed_sampler=True, the default)
     trainer.validate(OwnModule(encoder), DataLoader(dataset, batch_size=50))
@@ -246,7 +252,7 @@ def recorded_batches(folder: Path, sampler_kind: str, devices: int) -> list[list
     sampler = (ClassBalancedBatchSampler(labels, 24, 6, seed=2) if sampler_kind == "class"
                else RandomBatchSampler(len(labels), 20, seed=2))   # ranks: the process group's
     trainer = pl.Trainer(accelerator="cpu", devices=devices, max_epochs=1,
-                         strategy="ddp_spawn" if devices > 1 else "auto",
+                         strategy=STRATEGY if devices > 1 else "auto",
                          use_distributed_sampler=False, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)

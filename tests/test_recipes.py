@@ -41,32 +41,41 @@ def weights(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def triplet_run(tmp_path_factory) -> Path:
+    """One run that two tests read: 3 epochs of triplet on digits with the test picture, an
+    export, and both the CSV and the W&B (offline) loggers."""
+    run_dir = tmp_path_factory.mktemp("triplet")
     three_epochs = [o for o in WITH_PLOT if not o.startswith("trainer.max_epochs")]
-    run_recipe(tmp_path, "loss=triplet", "data=digits", "export=true", *three_epochs,
-               "trainer.max_epochs=3")
-    found = metrics(tmp_path)
+    run_recipe(run_dir, "loss=triplet", "data=digits", "export=true", "logger=[csv,wandb]",
+               *three_epochs, "trainer.max_epochs=3")
+    return run_dir
+
+
+def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(triplet_run, tmp_path):
+    run_dir = triplet_run
+    found = metrics(run_dir)
     assert found["test/precision_at_1"] > 0.8
     assert {"test/loss", "val/precision_at_1", "val/mean_average_precision_at_r"} <= set(found)
-    assert (tmp_path / ".hydra" / "config.yaml").is_file()
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 2
     best = last["callbacks"][next(k for k in last["callbacks"] if "BestAndLast" in k)]
     assert best["monitor"] == "val/mean_average_precision_at_r"
-    tested = json.loads((tmp_path / "checkpoint.json").read_text())
+    tested = json.loads((run_dir / "checkpoint.json").read_text())
     assert tested["monitor"] == "val/mean_average_precision_at_r"
-    assert tested["path"] == str(Path(best["best_model_path"]).relative_to(tmp_path))
+    assert tested["path"] == str(Path(best["best_model_path"]).relative_to(run_dir))
     assert tested["score"] == pytest.approx(found["best/val/mean_average_precision_at_r"])
-    assert list((tmp_path / "csv").rglob("metrics.csv"))
-    assert_is_a_real_picture(tmp_path / "plots" / "test.png")
+    assert list((run_dir / "csv").rglob("metrics.csv"))
+    assert_is_a_real_picture(run_dir / "plots" / "test.png")
 
     eval_dir = tmp_path / "eval"
-    run_recipe(eval_dir, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", "loss=triplet",
+    run_recipe(eval_dir, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "loss=triplet",
                "trainer.accelerator=cpu", "callbacks.embedding_plot.on_test=false",
                module="recipes.eval")
     assert metrics(eval_dir)["test/precision_at_1"] > 0.8
 
-    exported = tmp_path / "export"
+    exported = run_dir / "export"
     labels = numpy.load(exported / "labels.npy")
     assert numpy.load(exported / "embeddings.npy").shape == (len(labels), 128)
     searched = subprocess.run(
@@ -78,7 +87,7 @@ def test_triplet_on_digits_writes_config_checkpoints_logs_and_metrics(tmp_path):
     assert len(neighbour_labels) == 3 and neighbour_labels.count(labels[5]) >= 2
 
     export_dir = tmp_path / "exported_again"
-    run_recipe(tmp_path / "export_run", f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}",
+    run_recipe(tmp_path / "export_run", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
                "loss=triplet", f"export_dir={export_dir}", module="recipes.export")
     assert numpy.load(export_dir / "labels.npy").shape == labels.shape
 
@@ -103,13 +112,16 @@ def test_mlp_takes_its_input_size_from_the_data(tmp_path):
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path):
     common = ["loss=arcface", "trainer.deterministic=true", "trainer.accelerator=cpu",
               "test=false", "trainer.enable_model_summary=false"]
-    run_recipe(tmp_path / "whole", *common, "trainer.max_epochs=2")
-    run_recipe(tmp_path / "first", *common, "trainer.max_epochs=1")
-    run_recipe(tmp_path / "resumed", *common, "trainer.max_epochs=2",
-               f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    # the uninterrupted run keeps every epoch's checkpoint: its first one is where a run
+    # stopped after one epoch resumes from
+    run_recipe(tmp_path / "whole", *common, "trainer.max_epochs=2",
+               "+callbacks.model_checkpoint.save_top_k=-1")
+    first = tmp_path / "whole" / "checkpoints" / "epoch_000.ckpt"
+    assert torch.load(first, weights_only=False)["epoch"] == 0
+    run_recipe(tmp_path / "resumed", *common, "trainer.max_epochs=2", f"ckpt_path={first}")
     whole = weights(tmp_path / "whole" / "checkpoints" / "last.ckpt")
     resumed = weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
-    once = weights(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    once = weights(first)
     assert not torch.equal(once["loss.W"], whole["loss.W"])
     for key, value in whole.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
@@ -134,9 +146,8 @@ def test_gradient_accumulation_steps_both_optimizers_every_n_batches(tmp_path):
     assert set(steps) == {4}  # ceil(11 / 3): the last, partial group steps too
 
 
-def test_wandb_logger_runs_offline_into_a_syncable_folder(tmp_path):
-    run_recipe(tmp_path, "logger=wandb", *WITH_PLOT)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+def test_wandb_logger_runs_offline_into_a_syncable_folder(triplet_run):
+    runs = list((triplet_run / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     logged = list(runs[0].rglob("media/images/embeddings/*.png"))
     assert len(logged) == 1
