@@ -314,26 +314,40 @@ class UniformHistogramMiner(_SamplingMiner):
         return a1, p, a2, n
 
     def _draw(self, mat: Tensor, mask: Tensor, per_bin: int) -> tuple[Tensor, Tensor]:
-        rows, cols = torch.where(mask)
-        if len(rows) == 0 or per_bin == 0:
-            empty = rows.new_empty(0)
+        count = int(mask.sum())
+        if count == 0 or per_bin == 0:
+            empty = torch.empty(0, dtype=torch.long, device=mat.device)
             return empty, empty.clone()
-        values = mat[rows, cols]
+        # Few pairs: bin the pairs' own list. Many: bin the whole matrix, the other entries
+        # in an extra last bin, rather than hold two index tensors as long as the pairs.
+        # Either way a bin's members stay in row-major order.
+        flat = mask.flatten().nonzero().squeeze(1) if 4 * count < mask.numel() else None
+        values = mat.flatten()[flat] if flat is not None else mat[mask]
+        low, high = torch.aminmax(values)
         edges = torch.linspace(
-            values.min(), values.max(), self.num_bins + 1, dtype=values.dtype,
-            device=values.device,
+            low, high, self.num_bins + 1, dtype=mat.dtype, device=mat.device
         )
         # Bin i holds edges[i] <= v < edges[i + 1]; the last bin includes its upper edge.
-        bins = torch.searchsorted(edges[1:-1].contiguous(), values, right=True)
+        inner = edges[1:-1].contiguous()
+        if flat is not None:
+            bins = torch.searchsorted(inner, values, right=True, out_int32=True)
+        else:
+            del values
+            bins = torch.searchsorted(inner, mat, right=True, out_int32=True).flatten()
+            bins.masked_fill_(~mask.flatten(), self.num_bins)
         order = torch.argsort(bins, stable=True)
-        counts = torch.bincount(bins, minlength=self.num_bins)
+        counts = torch.bincount(bins, minlength=self.num_bins)[: self.num_bins]
+        del bins
         starts = torch.cumsum(counts, dim=0) - counts
         filled = torch.where(counts > 0)[0]
         sizes = counts[filled].unsqueeze(1)
-        draws = self._uniform((len(filled), per_bin), torch.float64, values.device)
+        draws = self._uniform((len(filled), per_bin), torch.float64, mat.device)
         offsets = (draws * sizes).long().clamp(max=sizes - 1)  # uniform in [0, size)
         chosen = order[(starts[filled].unsqueeze(1) + offsets).flatten()]
-        return rows[chosen], cols[chosen]
+        if flat is not None:
+            chosen = flat[chosen]
+        columns = mat.shape[1]
+        return chosen // columns, chosen % columns
 
     def extra_repr(self) -> str:
         return (

@@ -1,5 +1,6 @@
 """End to end: the real ``python -m recipes.train`` / ``recipes.eval`` commands in a subprocess."""
 
+import csv
 import json
 import os
 import subprocess
@@ -125,6 +126,17 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     assert not torch.equal(once["loss.W"], whole["loss.W"])
     for key, value in whole.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    # and it did resume: trained epoch 1 only (a deterministic run from scratch would also
+    # end with the same weights)
+    assert trained_epochs(tmp_path / "whole") == {0, 1}
+    assert trained_epochs(tmp_path / "resumed") == {1}
+
+
+def trained_epochs(run_dir: Path) -> set[int]:
+    """The epochs whose training loss the run's CSV log holds."""
+    (log,) = run_dir.rglob("metrics.csv")
+    with log.open() as stream:
+        return {int(row["epoch"]) for row in csv.DictReader(stream) if row["train/loss_epoch"]}
 
 
 def test_bf16_mixed_precision_with_two_optimizers(tmp_path):
