@@ -79,14 +79,8 @@ def plot_embeddings(
     queries = None if is_query is None else np.asarray(is_query, dtype=bool)[keep.numpy()]
     figure, axes = plt.subplots(figsize=(7, 6), dpi=100)
     _scatter(axes, points, colour_ids, names, queries)
-    axes.set_title(title or f"UMAP of {len(keep)} embeddings")
-    axes.set_xticks([])
-    axes.set_yticks([])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    _title_without_ticks(axes, title or f"UMAP of {len(keep)} embeddings")
+    return _save(figure, path)
 
 
 def plot_side_by_side(
@@ -118,9 +112,18 @@ def plot_side_by_side(
         keep = fixed_subset(len(labels), max_points, seed).numpy()
         points = umap_2d(np.asarray(embeddings, dtype=np.float32)[keep], seed)
         _scatter(panel_axes, points, np.asarray(labels)[keep], class_names, None)
-        panel_axes.set_title(title)
-        panel_axes.set_xticks([])
-        panel_axes.set_yticks([])
+        _title_without_ticks(panel_axes, title)
+    return _save(figure, path)
+
+
+def _title_without_ticks(axes, title: str) -> None:
+    """UMAP's axes have no units: a title and no ticks."""
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
+
+
+def _save(figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, bbox_inches="tight")
