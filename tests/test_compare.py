@@ -162,13 +162,16 @@ def test_the_table_gives_mean_and_sample_std_over_the_seeds():
 
 
 def test_a_multirun_already_done_is_skipped_and_a_failing_one_names_its_command(tmp_path):
+    sweep = tmp_path / "search"
+    (sweep / "2").mkdir(parents=True)   # a job of an earlier, unfinished attempt
     failing = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
     with pytest.raises(RuntimeError, match=r"exit 3\):\n.*-c .*\n...\nboom"):
-        run_multirun(failing, tmp_path, log=lambda line: None)
-    assert not (tmp_path / DONE_FILE).exists()
-    (tmp_path / DONE_FILE).write_text(json.dumps({"command": failing}))
+        run_multirun(failing, sweep, log=lambda line: None)
+    assert not sweep.exists()           # emptied before the attempt; no done.json after it
+    sweep.mkdir()
+    (sweep / DONE_FILE).write_text(json.dumps({"command": failing}))
     lines = []
-    run_multirun(failing, tmp_path, log=lines.append)
+    run_multirun(failing, sweep, log=lines.append)
     assert lines[0].startswith("done before, skipped")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,9 @@ def run_cell(plan: ComparisonPlan, cell: Cell, output_dir: Path, export: bool = 
 
 
 def run_multirun(command: list[str], sweep_dir: Path, log=print) -> None:
-    """Run ``command`` (a ``recipes.train -m``) unless ``sweep_dir`` holds its ``done.json``.
+    """Run ``command`` (a ``recipes.train -m``) unless ``sweep_dir`` holds its ``done.json``;
+    a ``sweep_dir`` without it (a multirun stopped half-way, or another command) is emptied
+    first, so that no job of an earlier attempt is read as one of this one.
 
     Raises:
         RuntimeError: it exited with an error; the message names the command and ends
@@ -65,6 +68,9 @@ def run_multirun(command: list[str], sweep_dir: Path, log=print) -> None:
     if done.is_file() and json.loads(done.read_text()).get("command") == command:
         log(f"done before, skipped: {printable}")
         return
+    if sweep_dir.exists():  # a multirun stopped or changed since: its jobs start afresh
+        log(f"removing the unfinished {sweep_dir}")
+        shutil.rmtree(sweep_dir)
     log(f"running: {printable}")
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode != 0:
