@@ -21,6 +21,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 
 from lightning_metric import losses
+from lightning_metric.losses.instance import OWN_CROSS_ENTROPY_FROM, row_cross_entropy
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
@@ -218,6 +219,22 @@ def test_instance_matches_pml(config, pattern):
     labels = label_patterns()[pattern] * 3 + 1  # labels need not be 0..C-1
     assert_parity(losses.InstanceLoss(**ours_kwargs), pml_losses.InstanceLoss(**pml_kwargs),
                   random_embeddings(seed=11), labels)
+
+
+@pytest.mark.parametrize("rows", [8, 300])   # autograd's cross-entropy, then our own
+def test_instance_cross_entropy_matches_torch_in_values_and_gradients(rows):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, rows, generator=generator, dtype=torch.float64) * 20
+    target = torch.randint(rows, (rows,), generator=generator)
+    weights = torch.rand(rows, generator=generator, dtype=torch.float64)
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    assert (logits.numel() >= OWN_CROSS_ENTROPY_FROM) == (rows == 300)
+    mine = row_cross_entropy(ours, target)
+    reference = torch.nn.functional.cross_entropy(theirs, target, reduction="none")
+    torch.testing.assert_close(mine, reference, rtol=1e-12, atol=1e-12)
+    (mine * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_instance_bad_input():
