@@ -63,7 +63,7 @@ class ComparisonPlan:
     optimized_metric: str
 
     def __post_init__(self):
-        _check_names("losses", self.losses, known=_loss_names())
+        _check_names("losses", self.losses, known=set(LOSSES))  # conf/loss/ file names
         _check_names("setups", self.setups, known=set(self.setup_overrides))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be one or more different seeds, got {list(self.seeds)}")
@@ -105,8 +105,3 @@ def _check_names(setting: str, names: Sequence[str], known: set[str]) -> None:
         raise ValueError(f"{setting}: unknown {unknown}; known: {sorted(known)}")
     if len(set(names)) != len(names):
         raise ValueError(f"{setting} names one twice: {list(names)}")
-
-
-def _loss_names() -> set[str]:
-    """The ``conf/loss/`` files' names (the registry's keys)."""
-    return set(LOSSES)

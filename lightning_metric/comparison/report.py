@@ -82,7 +82,7 @@ def write_markdown(results: Sequence[CellResult], setups: Sequence[str], metric:
 
 
 def _short(metric: str) -> str:
-    names = {"mean_average_precision_at_r": "MAP@R", "precision_at_1": "P@1",
-             "r_precision": "R-precision"}
+    """``val/mean_average_precision_at_r`` -> ``MAP@R`` (the heading of its test column)."""
     name = metric.split("/")[-1]
-    return names.get(name, name)
+    headings = {key.split("/")[-1]: heading for heading, key in TEST_METRICS.items()}
+    return headings.get(name, name)
