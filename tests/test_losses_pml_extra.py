@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     DIM,
     assert_full_parity,
@@ -22,6 +23,7 @@ from pytorch_metric_learning import reducers as pml_reducers
 
 from lightning_metric import losses
 from lightning_metric.losses.instance import OWN_CROSS_ENTROPY_FROM, row_cross_entropy
+from lightning_metric.losses.p2sgrad import _CosineOneHotMSE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
@@ -283,6 +285,24 @@ def test_p2sgrad_matches_pml_after_optimizer_steps():
         for optimizer in optimizers:
             optimizer.step()
     torch.testing.assert_close(ours.weight, theirs.weight)
+
+
+def test_p2sgrad_fused_mse_matches_autograd_where_the_clamp_cuts():
+    """The fused cosine MSE against autograd's clamp + mse_loss, with rows long enough that
+    20-80% of the products leave [-1, 1] (where the clamp passes no gradient)."""
+    generator = torch.Generator().manual_seed(15)
+    unit = (0.5 * torch.randn(12, 6, generator=generator, dtype=torch.float64)).requires_grad_()
+    weight = torch.randn(6, 9, generator=generator, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, 9, (12,), generator=generator)
+    cos = unit @ weight
+    assert 0.2 < float((cos.abs() > 1).double().mean()) < 0.8
+    expected = F.mse_loss(cos.clamp(-1, 1), F.one_hot(labels, 9).double())
+    expected_grads = torch.autograd.grad(3 * expected, (unit, weight))
+    value = _CosineOneHotMSE.apply(unit, weight, labels)
+    grads = torch.autograd.grad(3 * value, (unit, weight))
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_p2sgrad_init_layout_and_state_dict_match_pml():

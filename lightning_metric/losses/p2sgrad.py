@@ -8,8 +8,8 @@ loads): train it with a second optimizer over ``loss.parameters()``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._class_weights import BaseClassWeightsLoss
 from ._reduction import SubLoss
@@ -70,9 +70,9 @@ class P2SGradLoss(BaseClassWeightsLoss):
         # version counter alone, so a graph built before this call can still backpropagate.
         weight = self.weight.data
         weight.div_(weight.norm(dim=0).clamp_min(torch.finfo(weight.dtype).tiny))
-        cos = (embeddings @ self.weight.to(embeddings.dtype)) / embeddings.norm(dim=1, keepdim=True)
-        target = F.one_hot(labels, self.num_classes).to(cos.dtype)
-        return {"loss": SubLoss(F.mse_loss(cos.clamp(-1, 1), target), reduced=True)}
+        unit = embeddings / embeddings.norm(dim=1, keepdim=True)
+        loss = _CosineOneHotMSE.apply(unit, self.weight.to(embeddings.dtype), labels)
+        return {"loss": SubLoss(loss, reduced=True)}
 
     def class_logits(self, embeddings: Tensor) -> Tensor:
         """``cos_ij`` ``(B, num_classes)``, clamped to ``[-1, 1]``: what the loss regresses
@@ -88,3 +88,31 @@ class P2SGradLoss(BaseClassWeightsLoss):
 
     def extra_repr(self) -> str:
         return f"descriptors_dim={self.descriptors_dim}, num_classes={self.num_classes}"
+
+
+class _CosineOneHotMSE(torch.autograd.Function):
+    """``F.mse_loss((unit @ weight).clamp(-1, 1), one_hot(labels))`` keeping one ``(B, C)``
+    matrix for the backward: the residual, already masked by the clamp's gradient (autograd
+    keeps the cosines, the clamped cosines and the one-hot target). The squares are summed as
+    ``residual . residual``, without a squared copy. Differentiable once (no double backward).
+
+    Shapes: ``unit`` ``(B, D)`` (rows at unit norm), ``weight`` ``(D, C)``, ``labels`` ``(B,)``.
+    """
+
+    @staticmethod
+    def forward(ctx, unit: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+        residual = unit @ weight
+        inside = residual.abs() <= 1  # where the clamp passes the gradient on
+        residual.clamp_(-1, 1)
+        residual[torch.arange(len(labels), device=labels.device), labels] -= 1
+        flat = residual.view(-1)
+        loss = torch.dot(flat, flat) / flat.numel()
+        ctx.save_for_backward(unit, weight, residual.mul_(inside))
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        unit, weight, residual = ctx.saved_tensors
+        grad_cos = residual * (grad * (2 / residual.numel()))
+        return grad_cos @ weight.T, unit.T @ grad_cos, None
