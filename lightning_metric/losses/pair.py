@@ -24,6 +24,7 @@ every rank instead.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,10 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # Pairs as weight matrices, and the reductions every loss below is made of.
+
+
+SPARSE_PAIRS = 1 / 8
+"""Below this share of the ``(N, M)`` matrix, :meth:`_PairWeights.term_on` gathers the pairs."""
 
 
 @dataclass
@@ -97,6 +102,19 @@ class _PairWeights:
     def term(self, values: Tensor, reducer: str) -> SubLoss:
         """:meth:`reduce` as a term that can be split over ranks."""
         return SubLoss.ratio(*self.split(values, reducer))
+
+    def term_on(self, mat: Tensor, loss_of: Callable[[Tensor], Tensor], reducer: str) -> SubLoss:
+        """:meth:`term` of ``loss_of(mat)`` for an element-wise ``loss_of``.
+
+        When the pairs are few (under ``SPARSE_PAIRS`` of the matrix, as label-defined
+        positives usually are), ``loss_of`` and the reduction run on the pairs' entries alone:
+        a handful of ``(P,)`` vectors instead of ``(N, M)`` matrices.
+        """
+        if self.listed >= SPARSE_PAIRS * self.weights.numel():
+            return self.term(loss_of(mat), reducer)
+        rows, cols = self.weights.nonzero(as_tuple=True)
+        listed = _PairWeights(self.weights[rows, cols], self.listed, self.binary)
+        return listed.term(loss_of(mat[rows, cols]), reducer)
 
     def mean(self, values: Tensor) -> Tensor:
         return self.reduce(values, "mean")
@@ -307,14 +325,19 @@ class ContrastiveLoss(_PairLoss):
         self.power = power
 
     def pair_loss(self, mat, pairs):
-        pos = _hinge(self.distance.margin(mat, self.pos_margin))
-        neg = _hinge(self.distance.margin(self.neg_margin, mat))
-        if self.power != 1:
-            pos, neg = pos**self.power, neg**self.power
         return {
-            "pos_loss": pairs.pos.term(pos, self.reducer),
-            "neg_loss": pairs.neg.term(neg, self.reducer),
+            "pos_loss": pairs.pos.term_on(mat, self._positive_loss, self.reducer),
+            "neg_loss": pairs.neg.term_on(mat, self._negative_loss, self.reducer),
         }
+
+    def _positive_loss(self, distances: Tensor) -> Tensor:
+        return self._powered(_hinge(self.distance.margin(distances, self.pos_margin)))
+
+    def _negative_loss(self, distances: Tensor) -> Tensor:
+        return self._powered(_hinge(self.distance.margin(self.neg_margin, distances)))
+
+    def _powered(self, losses: Tensor) -> Tensor:
+        return losses if self.power == 1 else losses**self.power
 
 
 SiameseLoss = ContrastiveLoss
