@@ -78,6 +78,9 @@ MINERS: dict[str, tuple[dict, dict]] = {
     "UniformHistogramMiner": ({"seed": 0}, {}),
 }
 CASES.update(MINERS)
+# PML's loss keeps this attribute's autograd graph from one call to the next, so its second
+# backward fails; the benchmark detaches it before each of PML's calls.
+PML_STATE_WITH_GRAPH = {"DynamicSoftMarginLoss": "hist_"}
 
 
 def make_loss(library: str, name: str, num_classes: int):
@@ -125,8 +128,11 @@ def make_step(name: str, library: str, batch_size: int, device: str, num_classes
     else:
         def call():
             return loss_fn(embeddings, labels)
+    state = PML_STATE_WITH_GRAPH.get(name) if library == "pml" else None
 
     def step():
+        if state is not None:
+            setattr(loss_fn, state, getattr(loss_fn, state).detach())
         loss = call()
         if loss is not None:
             loss.backward()

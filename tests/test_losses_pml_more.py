@@ -21,8 +21,9 @@ from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 
-from lightning_metric import losses
+from lightning_metric import indices, losses
 from lightning_metric.distances import LpDistance
+from lightning_metric.losses import _all_triplets
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
 
@@ -162,6 +163,48 @@ def test_dynamic_soft_margin_takes_margins_past_the_last_node():
     reversed_triplet = (torch.tensor([0]), torch.tensor([2]), torch.tensor([1]))
     assert below(emb, torch.tensor([0, 1, 0]), reversed_triplet).item() == pytest.approx(-2.0)
     assert below.hist_.tolist() == [1.0] + [0.0] * 9
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+@pytest.mark.parametrize("config", [{}, {"min_val": -1.0, "num_bins": 3}, {"min_val": -0.5}])
+def test_dynamic_soft_margin_bins_all_triplets_as_it_bins_their_list(config, with_ref,
+                                                                     monkeypatch):
+    """Without an indices_tuple every triplet is binned chunk by chunk, never listed; that
+    gives the value, gradient and histogram of the same triplets listed (a path checked
+    against PML above), here in many chunks and with margins below min_val and past the last
+    node (where PML fails), over two calls (the second blends into the first's histogram)."""
+    monkeypatch.setattr(_all_triplets, "CHUNK_BYTES", 2000)  # a few anchors a chunk
+    labels = label_patterns()["imbalanced_singletons"]
+    ref_labels = label_patterns()["four_per_class"] if with_ref else labels
+    listed, binned = losses.DynamicSoftMarginLoss(**config), losses.DynamicSoftMarginLoss(**config)
+    for seed in (50, 51):
+        embeddings = random_embeddings(seed=seed)
+        ref = random_embeddings(seed=seed + 10) if with_ref else None
+        triplets = indices.all_triplets(labels, ref_labels, same_set=not with_ref)
+        results = []
+        for loss_fn, indices_tuple in ((listed, triplets), (binned, None)):
+            emb = embeddings.clone().requires_grad_(True)
+            value = loss_fn(emb, labels, indices_tuple, ref_emb=ref,
+                            ref_labels=ref_labels if with_ref else None)
+            value.backward()
+            results.append((value, emb.grad, loss_fn.hist_))
+        for mine, expected in zip(*results, strict=True):
+            torch.testing.assert_close(mine, expected)
+    assert int((listed.hist_ > 0).sum()) >= 3  # the margins spread over several nodes
+
+
+def test_dynamic_soft_margin_float32_agrees_with_float64_on_a_large_batch():
+    """190,000 float32 margins binned and summed give float64's value and gradient."""
+    labels = torch.arange(64).repeat_interleave(4)
+    embeddings = random_embeddings(n=256, dim=32, seed=52)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        emb = embeddings.detach().to(dtype).requires_grad_(True)
+        value = losses.DynamicSoftMarginLoss()(emb, labels)
+        value.backward()
+        results.append((value.double(), emb.grad.double()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-7)
 
 
 def test_dynamic_soft_margin_by_hand():

@@ -57,6 +57,15 @@ def padded_columns(mask: Tensor) -> tuple[Tensor, Tensor]:
     return columns, valid
 
 
+def anchor_chunks(num_anchors: int, bytes_per_anchor: int, device: torch.device):
+    """Slices of anchors whose ``(chunk, P, M)`` tensors take about ``CHUNK_BYTES`` each
+    (``ACCELERATOR_CHUNK_BYTES`` off the CPU)."""
+    budget = CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    step = max(1, budget // max(1, bytes_per_anchor))
+    for start in range(0, num_anchors, step):
+        yield slice(start, start + step)
+
+
 @dataclass
 class _Layout:
     """Everything about the triplets except the differentiable distances."""
@@ -71,11 +80,8 @@ class _Layout:
     num_active: Tensor | None = None  # triplets with a loss above 0, set by the forward pass
 
     def chunks(self, itemsize: int):
-        per_anchor = max(1, self.pos_cols.shape[1] * self.neg_valid.shape[1] * itemsize)
-        budget = CHUNK_BYTES if self.pos_cols.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
-        step = max(1, budget // per_anchor)
-        for start in range(0, self.pos_cols.shape[0], step):
-            yield slice(start, start + step)
+        per_anchor = self.pos_cols.shape[1] * self.neg_valid.shape[1] * itemsize
+        return anchor_chunks(self.pos_cols.shape[0], per_anchor, self.pos_cols.device)
 
     @property
     def farthest(self) -> float:

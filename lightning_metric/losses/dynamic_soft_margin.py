@@ -9,12 +9,17 @@ margin to tune. Under DDP it computes the whole gathered batch on every rank
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .._checks import check_embeddings, check_ref_emb
 from ..distances import LpDistance, to_compute_dtype
-from ..indices import to_triplets
+from ..indices import label_masks, to_triplets
+from ._all_triplets import anchor_chunks, padded_columns
 from ._reduction import SubLoss, connected_zero, reduce_all
 from .base import BaseMetricLoss
 
@@ -35,7 +40,9 @@ class DynamicSoftMarginLoss(BaseMetricLoss):
 
     Reduced already: the reducer does not apply. The gradient flows through ``x`` and
     through this batch's share of the histogram, as PML's does; the stored histogram is
-    detached.
+    detached. Without an ``indices_tuple`` the margins of all ``sum_a |P(a)| * |N(a)|``
+    triplets are binned one chunk of anchors at a time, never listed (PML lists them from a
+    ``(B, B, B)`` mask): memory stays near ``(B, B)``.
 
     Args:
         min_val: the lowest margin binned, ``-2`` (a negative number).
@@ -119,7 +126,7 @@ class DynamicSoftMarginLoss(BaseMetricLoss):
         with torch.autocast(embeddings.device.type, enabled=False):
             emb = to_compute_dtype(embeddings)
             ref = emb if ref_emb is None else to_compute_dtype(ref_emb)
-            terms = self._weighted(self._matching_margins(emb, ref))
+            terms = self._weighted(*self._statistics(self._matching_margins(emb, ref)))
             if self.embedding_regularizer is not None:
                 reg = self.embedding_regularizer(emb) * self.embedding_reg_weight
                 terms["embedding_reg_loss"] = SubLoss(reg, reduced=True)
@@ -128,9 +135,12 @@ class DynamicSoftMarginLoss(BaseMetricLoss):
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels, same_set):
         if labels is None:
             raise ValueError("DynamicSoftMarginLoss needs labels with an indices_tuple")
-        a, p, n = to_triplets(indices_tuple, labels, ref_labels, same_set)
         mat = self.distance(embeddings, ref_emb)
-        return self._weighted(mat[a, p] - mat[a, n])
+        if indices_tuple is None:
+            positive, negative = label_masks(labels, ref_labels, same_set)
+            return self._weighted(*self._all_triplet_statistics(mat, positive, negative))
+        a, p, n = to_triplets(indices_tuple, labels, ref_labels, same_set)
+        return self._weighted(*self._statistics(mat[a, p] - mat[a, n]))
 
     def _matching_margins(self, emb: Tensor, ref: Tensor) -> Tensor:
         """``d(a_i, p_i)`` minus the hardest non-matching distance of row ``i`` or column
@@ -149,35 +159,133 @@ class DynamicSoftMarginLoss(BaseMetricLoss):
         closest_in_row[:rows] = masked.min(dim=1).values
         return d_pos - torch.minimum(closest_in_col, closest_in_row)
 
-    def _weighted(self, margins: Tensor) -> dict[str, SubLoss]:
-        if len(margins) == 0:
+    # The margins enter the loss only through their sums and counts per bin: below
+    # ``min_val`` (bin 0), between nodes ``k`` and ``k + 1`` (bin ``k + 1``), at or past the
+    # last node (bin ``num_bins``). Inside a bin the histogram's share and the CDF weight are
+    # affine in the margin, so ``(sums, counts)`` give the same value and gradient as the
+    # margins one by one, and every triplet of a batch is binned without being listed.
+
+    def _bins(self, margins: Tensor) -> Tensor:
+        """Each margin's bin in ``[0, num_bins]``, as a long tensor of the same shape."""
+        node = torch.floor((margins.detach() - self.min_val) / self.delta)
+        return node.clamp_(-1, self.num_bins - 1).add_(1).long()
+
+    def _statistics(self, margins: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sums, counts)`` ``(num_bins + 1,)`` of a list of margins (differentiable sums)."""
+        bins = self._bins(margins)
+        sums = margins.new_zeros(self.num_bins + 1).index_add(0, bins, margins)
+        return sums, torch.bincount(bins, minlength=self.num_bins + 1)
+
+    def _all_triplet_statistics(
+        self, mat: Tensor, positive: Tensor, negative: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(sums, counts)`` of the margins ``mat[a, p] - mat[a, n]`` of every triplet the
+        ``(N, M)`` masks allow, one chunk of anchors at a time (never a list of triplets)."""
+        anchors = torch.where(positive.any(dim=1) & negative.any(dim=1))[0]
+        if len(anchors) < len(mat):
+            mat, positive, negative = mat[anchors], positive[anchors], negative[anchors]
+        pos_cols, pos_valid = padded_columns(positive)
+        triplets = _TripletBins(self, pos_valid, negative)
+        sums = _AllTripletMarginSums.apply(mat.gather(1, pos_cols), mat, triplets)
+        return sums, triplets.counts
+
+    def _weighted(self, sums: Tensor, counts: Tensor) -> dict[str, SubLoss]:
+        num_margins = int(counts.sum())
+        if num_margins == 0:
             return {}
-        hist = self._blended_histogram(margins)
+        hist = self._blended_histogram(sums, counts)
         if self.training:
             self.hist_ = hist.detach()
-        index = self._node(margins).clamp(max=self.num_bins - 1)
-        return {"loss": SubLoss((torch.cumsum(hist, 0)[index] * margins).mean(), reduced=True)}
+        # The CDF at each bin's node: the first node below min_val, the last past it.
+        nodes = (torch.arange(self.num_bins + 1, device=sums.device) - 1).clamp_(min=0)
+        cdf = torch.cumsum(hist, 0)[nodes]
+        return {"loss": SubLoss((cdf * sums).sum() / num_margins, reduced=True)}
 
-    def _node(self, margins: Tensor) -> Tensor:
-        """The node at or below each margin, clamped to the first (not to the last)."""
-        return torch.floor((margins.detach() - self.min_val) / self.delta).long().clamp(min=0)
+    def _blended_histogram(self, sums: Tensor, counts: Tensor) -> Tensor:
+        """``hist_`` blended with the batch's histogram, summing to 1.
 
-    def _blended_histogram(self, margins: Tensor) -> Tensor:
-        """``hist_`` blended with the batch's histogram of ``margins``, summing to 1."""
-        old = self.hist_.to(device=margins.device, dtype=margins.dtype)
-        position = (margins - self.min_val) / self.delta
-        node = self._node(margins)
-        upper = position - node  # the share of the next node, in [0, 1) inside the range
-        last = node >= self.num_bins - 1
-        below = margins.detach() < self.min_val
-        node = node.clamp(max=self.num_bins - 2)
-        # Outside the nodes' range a margin counts at the nearest end node, unweighted.
-        upper = torch.where(last, torch.ones_like(upper), upper)
-        upper = torch.where(below, torch.zeros_like(upper), upper)
+        A margin ``x`` between nodes ``k`` and ``k + 1`` gives node ``k + 1`` the share
+        ``(x - min_val) / delta - k`` and node ``k`` the rest; outside the nodes' range a
+        margin counts whole at the nearest end node.
+        """
+        old = self.hist_.to(device=sums.device, dtype=sums.dtype)
+        counts = counts.to(sums.dtype)
+        between = slice(1, self.num_bins)  # the bins between two nodes
+        nodes = torch.arange(self.num_bins - 1, device=sums.device, dtype=sums.dtype)
+        upper = (sums[between] - self.min_val * counts[between]) / self.delta
+        upper = upper - nodes * counts[between]
+        ends = torch.zeros_like(old)
+        ends[0], ends[-1] = counts[0], counts[-1]
+        batch = F.pad(counts[between] - upper, (0, 1)) + F.pad(upper, (1, 0)) + ends
         momentum = self.momentum if bool(old.sum() != 0) else 1.0
-        hist = ((1.0 - momentum) * old).scatter_add(0, node, momentum * (1 - upper))
-        hist = hist.scatter_add(0, node + 1, momentum * upper)
+        hist = (1.0 - momentum) * old + momentum * batch
         return hist / hist.sum()
 
     def extra_repr(self) -> str:
         return f"min_val={self.min_val}, num_bins={self.num_bins}, momentum={self.momentum}"
+
+
+@dataclass
+class _TripletBins:
+    """Which triplets exist, and how to bin their margins, for :class:`_AllTripletMarginSums`.
+
+    Triplet ``(a, j, n)`` is anchor ``a``'s ``j``-th positive (``pos_valid`` ``(A, P)``) with
+    reference ``n`` (``neg_valid`` ``(A, M)``). ``counts`` is set by the forward pass.
+    """
+
+    loss: DynamicSoftMarginLoss
+    pos_valid: Tensor
+    neg_valid: Tensor
+    counts: Tensor | None = field(default=None)
+
+    @property
+    def num_bins(self) -> int:
+        return self.loss.num_bins + 1
+
+    def chunks(self):
+        anchors, positives = self.pos_valid.shape
+        per_anchor = positives * self.neg_valid.shape[1] * 24  # margins, bins, float64 copy
+        return anchor_chunks(anchors, per_anchor, self.pos_valid.device)
+
+    def bins(self, d_ap: Tensor, d_an: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        """The ``(chunk, P, M)`` margins of the anchors in ``rows`` and their bins; the
+        padding triplets go to an extra bin, ``num_bins``."""
+        margins = d_ap[rows].unsqueeze(2) - d_an[rows].unsqueeze(1)
+        bins = self.loss._bins(margins)
+        valid = self.pos_valid[rows].unsqueeze(2) & self.neg_valid[rows].unsqueeze(1)
+        return margins, bins.masked_fill_(~valid, self.num_bins)
+
+
+class _AllTripletMarginSums(torch.autograd.Function):
+    """Per bin, the sum of ``d_ap[a, j] - d_an[a, n]`` over the triplets of ``triplets``:
+    ``(num_bins + 1,)`` in the compute dtype, accumulated in float64. The backward
+    recomputes each chunk's bins (nothing ``(A, P, M)`` is kept). Differentiable once."""
+
+    @staticmethod
+    def forward(ctx, d_ap: Tensor, d_an: Tensor, triplets: _TripletBins) -> Tensor:
+        size = triplets.num_bins + 1  # with the padding bin
+        sums = torch.zeros(size, dtype=torch.float64, device=d_ap.device)
+        counts = torch.zeros(size, dtype=torch.long, device=d_ap.device)
+        for rows in triplets.chunks():
+            margins, bins = triplets.bins(d_ap, d_an, rows)
+            bins = bins.view(-1)
+            sums += torch.bincount(bins, weights=margins.view(-1).double(), minlength=size)
+            counts += torch.bincount(bins, minlength=size)
+        triplets.counts = counts[:-1]
+        ctx.save_for_backward(d_ap, d_an)
+        ctx.triplets = triplets
+        return sums[:-1].to(d_ap.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sums: Tensor) -> tuple[Tensor, Tensor, None]:
+        d_ap, d_an = ctx.saved_tensors
+        triplets = ctx.triplets
+        per_bin = F.pad(grad_sums, (0, 1))  # the padding bin has no gradient
+        grad_ap, grad_an = torch.empty_like(d_ap), torch.empty_like(d_an)
+        for rows in triplets.chunks():
+            _, bins = triplets.bins(d_ap, d_an, rows)
+            per_triplet = per_bin[bins]
+            grad_ap[rows] = per_triplet.sum(dim=2)
+            grad_an[rows] = per_triplet.sum(dim=1).neg_()
+        return grad_ap, grad_an, None
