@@ -86,6 +86,11 @@ def run_isolated(module: str, args: list[str], timeout: float) -> dict | None:
     return json.loads(lines[-1])
 
 
+MAX_RUNS = 201
+"""Runs of each step that :func:`interleaved_medians` stops at, within a quarter of its budget:
+steps of a millisecond or less need that many for a steady median."""
+
+
 def interleaved_medians(
     steps: dict[str, Callable[[], None]], min_runs: int = 5, budget_s: float = 20.0
 ) -> dict[str, float]:
@@ -99,7 +104,7 @@ def interleaved_medians(
     times: dict[str, list[float]] = {name: [] for name in steps}
     start = time.perf_counter()
     while min(len(t) for t in times.values()) < min_runs or (
-        time.perf_counter() - start < budget_s / 4 and len(times[next(iter(times))]) < 15
+        time.perf_counter() - start < budget_s / 4 and len(times[next(iter(times))]) < MAX_RUNS
     ):
         for name, step in steps.items():
             t0 = time.perf_counter()
