@@ -1,8 +1,11 @@
 """Time and peak memory of one callable, in a process of its own.
 
-Peak memory on the CPU is the growth of the process's peak resident set size
-(``ru_maxrss``) over its size just before the measured calls; on CUDA it is
-``torch.cuda.max_memory_allocated`` over the allocation before them.
+Peak memory on the CPU is the growth of the process's peak resident set size over its
+size just before the measured calls, after one warm-up call: on Linux the peak is reset
+then (``/proc/self/clear_refs``), so what a first call costs once (the code pages of the
+kernels it is the first to use, thread pools, caches) is not counted, only what each call
+holds at its peak. On CUDA it is ``torch.cuda.max_memory_allocated`` over the allocation
+before the measured calls.
 """
 
 from __future__ import annotations
@@ -27,20 +30,42 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    """The resident set's high-water mark (since the last :func:`reset_peak_rss`)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Lower the high-water mark to the current resident set (Linux); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: float = 8.0):
-    """``(median seconds, peak MB)`` of ``step()`` (one warm-up run excluded from the times)."""
+    """``(median seconds, peak MB)`` of ``step()`` (one warm-up run excluded from both)."""
     if device == "cuda":
+        step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         base = current_rss_mb()
+        step()
+        if reset_peak_rss():
+            base = current_rss_mb()
     times = []
     start = time.perf_counter()
-    while len(times) < min_runs + 1 and (len(times) < 2 or time.perf_counter() - start < budget_s):
+    while len(times) < min_runs and (not times or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         step()
         if device == "cuda":
@@ -50,7 +75,7 @@ def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: 
         peak = torch.cuda.max_memory_allocated() / 2**20 - base
     else:
         peak = peak_rss_mb() - base
-    return statistics.median(times[1:]), max(peak, 0.0)
+    return statistics.median(times), max(peak, 0.0)
 
 
 def cap_memory(gigabytes: float, poll_s: float = 0.02) -> None:
@@ -70,12 +95,24 @@ def cap_memory(gigabytes: float, poll_s: float = 0.02) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def run_isolated(module: str, args: list[str], timeout: float) -> dict | None:
-    """Run ``python -m module args`` and parse the JSON line it prints; None on failure."""
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+"""Environment for a CPU memory measurement: glibc maps every block of 128 KiB or more on
+its own and unmaps it when freed. By default glibc raises that threshold after each such
+free (up to 32 MiB), so later tensors come from its heap, whose freed pages it may keep: the
+peak resident set then depends on the order of earlier frees and moves by megabytes from
+run to run. With the threshold fixed it follows the tensors alive at the peak."""
+
+
+def run_isolated(
+    module: str, args: list[str], timeout: float, env: dict[str, str] | None = None
+) -> dict | None:
+    """Run ``python -m module args`` (with ``env`` added to the environment) and parse the
+    JSON line it prints; None on failure."""
     try:
         done = subprocess.run(
             [sys.executable, "-m", module, *args],
             capture_output=True, text=True, timeout=timeout, check=False,
+            env=None if env is None else {**os.environ, **env},
         )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}

@@ -15,7 +15,9 @@ meta-classes on both sides. Miners: the time and memory of mining one batch of 4
 per class (no backward); the sampling miners draw from ``seed=0`` (ours) and from
 torch's global generator seeded 0 (PML's).
 Times: both libraries alternate in one process (median of at least 5 runs each),
-so machine noise falls on both alike; memory: each library alone in a fresh process.
+so machine noise falls on both alike; memory: each library alone in a fresh process, with
+glibc's mmap threshold fixed (``_measure.FIXED_MMAP_THRESHOLD``) so that the peak resident
+set follows the live tensors rather than the allocator's history.
 Prints a markdown table of medians and ratios ours/PML (below 1 is better).
 """
 
@@ -27,7 +29,13 @@ import json
 
 import torch
 
-from benchmarks._measure import cap_memory, interleaved_medians, measure, run_isolated
+from benchmarks._measure import (
+    FIXED_MMAP_THRESHOLD,
+    cap_memory,
+    interleaved_medians,
+    measure,
+    run_isolated,
+)
 
 DIM = 128
 MEMORY_CAP_GB = 16  # PML's NTXentLoss needs about 27 GB at B=1024
@@ -205,6 +213,7 @@ def benchmark_row(name: str, batch: int, classes: int, args) -> str:
             ["--worker", mode, name, str(batch), "--device", args.device,
              "--num-classes", str(classes)],
             args.timeout,
+            env=FIXED_MMAP_THRESHOLD if mode.startswith("memory") else None,
         )
 
     memory = {lib: run(f"memory-{lib}") for lib in ("ours", "pml")}

@@ -335,15 +335,17 @@ class UniformHistogramMiner(_SamplingMiner):
             del values
             bins = torch.searchsorted(inner, mat, right=True, out_int32=True).flatten()
             bins.masked_fill_(~mask.flatten(), self.num_bins)
-        order = torch.argsort(bins, stable=True)
-        counts = torch.bincount(bins, minlength=self.num_bins)[: self.num_bins]
-        del bins
-        starts = torch.cumsum(counts, dim=0) - counts
+        counts_by_chunk = torch.stack([
+            torch.bincount(bins[chunk], minlength=self.num_bins + 1)[: self.num_bins]
+            for chunk in _chunks(len(bins))
+        ])
+        counts = counts_by_chunk.sum(dim=0)
         filled = torch.where(counts > 0)[0]
         sizes = counts[filled].unsqueeze(1)
         draws = self._uniform((len(filled), per_bin), torch.float64, mat.device)
         offsets = (draws * sizes).long().clamp(max=sizes - 1)  # uniform in [0, size)
-        chosen = order[(starts[filled].unsqueeze(1) + offsets).flatten()]
+        drawn_bins = filled.repeat_interleave(per_bin)
+        chosen = _nth_of_bin(bins, counts_by_chunk, drawn_bins, offsets.flatten())
         if flat is not None:
             chosen = flat[chosen]
         columns = mat.shape[1]
@@ -354,6 +356,37 @@ class UniformHistogramMiner(_SamplingMiner):
             f"num_bins={self.num_bins}, pos_per_bin={self.pos_per_bin}, "
             f"neg_per_bin={self.neg_per_bin}"
         )
+
+
+SORT_CHUNK = 2**16
+"""Bins are put in order this many at a time, and only where a draw falls: sorting all of a
+``(B, B)`` matrix's bins at once takes about twice PML's memory at B=1024."""
+
+
+def _chunks(length: int) -> list[slice]:
+    return [slice(start, start + SORT_CHUNK) for start in range(0, length, SORT_CHUNK)]
+
+
+def _nth_of_bin(
+    bins: Tensor, counts_by_chunk: Tensor, drawn_bins: Tensor, offsets: Tensor
+) -> Tensor:
+    """The position in ``bins`` of each bin's ``offsets``-th member, in order of position.
+
+    ``counts_by_chunk`` ``(chunks, num_bins)``: the members of each bin in each
+    ``SORT_CHUNK`` of ``bins``. A draw's chunk is the first whose running count passes
+    its offset; each chunk holding a draw is stably sorted on its own.
+    """
+    running = counts_by_chunk.cumsum(dim=0)  # (chunks, num_bins)
+    chunk_of = (running[:, drawn_bins] <= offsets).sum(dim=0)
+    offsets = offsets - (running - counts_by_chunk)[chunk_of, drawn_bins]
+    chosen = torch.empty_like(offsets)
+    for index in torch.unique(chunk_of).tolist():
+        chunk = _chunks(len(bins))[index]
+        order = torch.argsort(bins[chunk], stable=True)
+        starts = counts_by_chunk[index].cumsum(dim=0) - counts_by_chunk[index]
+        here = chunk_of == index
+        chosen[here] = chunk.start + order[starts[drawn_bins[here]] + offsets[here]]
+    return chosen
 
 
 __all__ = ["AngularMiner", "DistanceWeightedMiner", "HDCMiner", "UniformHistogramMiner"]

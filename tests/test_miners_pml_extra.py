@@ -15,7 +15,7 @@ from helpers import label_patterns, random_embeddings
 from omegaconf import OmegaConf
 from pytorch_metric_learning import miners as pml_miners
 
-from lightning_metric import miners
+from lightning_metric import miners, sampling_miners
 from lightning_metric.miners import (
     AngularMiner,
     DistanceWeightedMiner,
@@ -219,7 +219,12 @@ def test_uniform_histogram_per_bin_counts_match_pml(distance):
         assert bool(mask[mined[rows], mined[cols]].all())
 
 
-def test_uniform_histogram_draws_uniformly_within_a_bin():
+@pytest.mark.parametrize("sort_chunk", [None, 7])
+def test_uniform_histogram_draws_uniformly_within_a_bin(sort_chunk, monkeypatch):
+    """Also with the bins put in order 7 at a time (a member's chunk found from the
+    per-chunk counts)."""
+    if sort_chunk is not None:
+        monkeypatch.setattr(sampling_miners, "SORT_CHUNK", sort_chunk)
     labels = PATTERNS["four_per_class"]
     x = random_embeddings(len(labels), seed=8)
     miner = UniformHistogramMiner(num_bins=3, pos_per_bin=50, neg_per_bin=50, seed=3)
@@ -240,6 +245,21 @@ def test_uniform_histogram_draws_uniformly_within_a_bin():
         # Chi-square with len(members) - 1 degrees of freedom, far below a 1e-4 tail.
         chi2 = ((observed - expected) ** 2 / expected).sum()
         assert chi2 < len(members) + 6 * math.sqrt(2 * len(members)), (b, float(chi2))
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["whole_matrix", "pair_list"])
+def test_uniform_histogram_picks_the_same_pairs_whatever_the_sort_chunk(flat, monkeypatch):
+    """Sorting the bins chunk by chunk picks, draw for draw, the member a single sort of
+    all bins picks (the offset-th of its bin in row-major order)."""
+    labels = torch.arange(30).repeat_interleave(2) if flat else torch.arange(60) % 3
+    x = random_embeddings(len(labels), seed=9)
+    picks = []
+    for sort_chunk in (10**9, 11, 1):
+        monkeypatch.setattr(sampling_miners, "SORT_CHUNK", sort_chunk)
+        picks.append(UniformHistogramMiner(num_bins=9, seed=4)(x, labels))
+    for chunked in picks[1:]:
+        for got, expected in zip(chunked, picks[0], strict=True):
+            assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------ generator contract
