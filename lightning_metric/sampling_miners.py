@@ -129,14 +129,20 @@ class HDCMiner(BaseMiner):
         return a1, p, a2, n
 
     def _hardest(self, mat: Tensor, mask: Tensor, farthest: bool) -> tuple[Tensor, Tensor]:
-        rows, cols = torch.where(mask)
-        if len(rows) == 0:
-            return rows, cols
-        values = mat[rows, cols]
+        # The pairs' values in row-major order, as PML ranks them (so ties break alike),
+        # indexed by one flat position (int32 when it fits) rather than two index lists.
+        flat = mask.flatten().nonzero().squeeze(1)
+        if mask.numel() <= torch.iinfo(torch.int32).max:
+            flat = flat.int()
+        values = mat.flatten()[flat]
         k = math.ceil(self.filter_percentage * len(values))
         largest = farthest != self.distance.is_inverted
         _, chosen = torch.topk(values, k=k, largest=largest)
-        return rows[chosen], cols[chosen]
+        del values
+        chosen = flat[chosen]
+        del flat
+        columns = mat.shape[1]
+        return (chosen // columns).long(), (chosen % columns).long()
 
     def extra_repr(self) -> str:
         return f"filter_percentage={self.filter_percentage}"
@@ -237,17 +243,21 @@ class DistanceWeightedMiner(_SamplingMiner):
 
     def mine_embeddings(self, embeddings, ref_emb, mat, positive, negative) -> Triplets:
         dim = embeddings.shape[1]
-        clamped = mat.clamp(min=self.cutoff)
-        log_weights = (2.0 - dim) * torch.log(clamped) - (dim - 3) / 2 * torch.log(
-            1.0 - 0.25 * clamped**2
-        )
-        usable = negative & torch.isfinite(log_weights) & (clamped < self.nonzero_loss_cutoff)
+        # (2 - dim) log(d) - (dim - 3) / 2 log(1 - d^2 / 4), in place on two (N, M) buffers.
+        log_weights = mat.clamp(min=self.cutoff)
+        usable = negative & (log_weights < self.nonzero_loss_cutoff)
+        second = log_weights.square().mul_(-0.25).add_(1).log_().mul_(-(dim - 3) / 2)
+        log_weights.log_().mul_(2.0 - dim).add_(second)
+        del second
+        usable &= torch.isfinite(log_weights)
         anchors = torch.where(positive.any(dim=1) & usable.any(dim=1))[0]
         if len(anchors) == 0:
             empty = anchors.new_empty(0)
             return empty, empty.clone(), empty.clone()
-        log_weights = log_weights[anchors].masked_fill(~usable[anchors], -math.inf)
-        weights = torch.exp(log_weights - log_weights.amax(dim=1, keepdim=True))
+        if len(anchors) < len(mat):
+            log_weights, usable = log_weights[anchors], usable[anchors]
+        weights = log_weights.masked_fill_(~usable, -math.inf)
+        weights = weights.sub_(weights.amax(dim=1, keepdim=True)).exp_()
         # Triplets an anchor: its class's size in the reference set, own item included.
         counts = mat.shape[1] - negative[anchors].sum(dim=1)
         most = int(counts.max())
