@@ -1,10 +1,14 @@
-"""Smoke tests: the benchmarks run both sides (recipe and plain loop) and print their tables."""
+"""Smoke tests: the benchmarks run both sides (recipe and plain loop) and print their tables;
+the memory measure they share."""
 
 import os
 import subprocess
 import sys
 
+import torch
 from conftest import REPO, SHARED_DATA
+
+from benchmarks._measure import measure
 
 
 def test_train_quality_runs_both_sides_and_prints_the_table():
@@ -51,3 +55,17 @@ def test_losses_benchmark_runs_a_miner_on_both_sides():
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert len(cells) == 9, row
     assert all(float(cell) >= 0 for cell in cells[3:]), row  # both sides measured
+
+
+def test_memory_measure_counts_what_each_call_holds_not_what_the_first_call_keeps():
+    """The first call keeps a 48 MB cache (a one-time cost); every call holds 64 MB at its
+    peak. The measure is taken after a warm-up call with the peak reset: 64 MB, not 112."""
+    cache = []
+
+    def step():
+        if not cache:
+            cache.append(torch.ones(48 * 2**20 // 4))
+        torch.ones(64 * 2**20 // 4).sum()
+
+    _, peak_mb = measure(step, "cpu", min_runs=2, budget_s=0)
+    assert 60 < peak_mb < 80, peak_mb
