@@ -390,8 +390,9 @@ def _nth_of_bin(
     chunk_of = (running[:, drawn_bins] <= offsets).sum(dim=0)
     offsets = offsets - (running - counts_by_chunk)[chunk_of, drawn_bins]
     chosen = torch.empty_like(offsets)
+    chunks = _chunks(len(bins))
     for index in torch.unique(chunk_of).tolist():
-        chunk = _chunks(len(bins))[index]
+        chunk = chunks[index]
         order = torch.argsort(bins[chunk], stable=True)
         starts = counts_by_chunk[index].cumsum(dim=0) - counts_by_chunk[index]
         here = chunk_of == index
