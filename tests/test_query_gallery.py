@@ -454,7 +454,7 @@ class _SavesResults(pl.Callback):
 def validate_on(devices, data, folder):
     retrieval = RetrievalMetrics(per_category=True, top_k=4)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+        accelerator="cpu", devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
         logger=False, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, callbacks=[retrieval, _SavesResults(retrieval, folder)],
     )
