@@ -130,19 +130,14 @@ class HDCMiner(BaseMiner):
 
     def _hardest(self, mat: Tensor, mask: Tensor, farthest: bool) -> tuple[Tensor, Tensor]:
         # The pairs' values in row-major order, as PML ranks them (so ties break alike),
-        # indexed by one flat position (int32 when it fits) rather than two index lists.
-        flat = mask.flatten().nonzero().squeeze(1)
-        if mask.numel() <= torch.iinfo(torch.int32).max:
-            flat = flat.int()
+        # indexed by one flat position rather than two index lists.
+        flat = _flat_positions(mask)
         values = mat.flatten()[flat]
         k = math.ceil(self.filter_percentage * len(values))
         largest = farthest != self.distance.is_inverted
         _, chosen = torch.topk(values, k=k, largest=largest)
         del values
-        chosen = flat[chosen]
-        del flat
-        columns = mat.shape[1]
-        return (chosen // columns).long(), (chosen % columns).long()
+        return _rows_and_columns(flat[chosen], mat.shape[1])
 
     def extra_repr(self) -> str:
         return f"filter_percentage={self.filter_percentage}"
@@ -331,7 +326,7 @@ class UniformHistogramMiner(_SamplingMiner):
         # Few pairs: bin the pairs' own list. Many: bin the whole matrix, the other entries
         # in an extra last bin, rather than hold two index tensors as long as the pairs.
         # Either way a bin's members stay in row-major order.
-        flat = mask.flatten().nonzero().squeeze(1) if 4 * count < mask.numel() else None
+        flat = _flat_positions(mask) if 4 * count < mask.numel() else None
         values = mat.flatten()[flat] if flat is not None else mat[mask]
         low, high = torch.aminmax(values)
         edges = torch.linspace(
@@ -358,14 +353,25 @@ class UniformHistogramMiner(_SamplingMiner):
         chosen = _nth_of_bin(bins, counts_by_chunk, drawn_bins, offsets.flatten())
         if flat is not None:
             chosen = flat[chosen]
-        columns = mat.shape[1]
-        return chosen // columns, chosen % columns
+        return _rows_and_columns(chosen, mat.shape[1])
 
     def extra_repr(self) -> str:
         return (
             f"num_bins={self.num_bins}, pos_per_bin={self.pos_per_bin}, "
             f"neg_per_bin={self.neg_per_bin}"
         )
+
+
+def _flat_positions(mask: Tensor) -> Tensor:
+    """The row-major positions of ``mask``'s True entries, ascending; int32 when they fit
+    (half the memory of the int64 ``nonzero`` gives, which is freed)."""
+    flat = mask.flatten().nonzero().squeeze(1)
+    return flat.int() if mask.numel() <= torch.iinfo(torch.int32).max else flat
+
+
+def _rows_and_columns(flat: Tensor, columns: int) -> tuple[Tensor, Tensor]:
+    """Row-major positions in a matrix of ``columns`` columns -> (rows, columns), int64."""
+    return (flat // columns).long(), (flat % columns).long()
 
 
 SORT_CHUNK = 2**16

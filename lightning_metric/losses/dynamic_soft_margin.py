@@ -239,7 +239,8 @@ class _TripletBins:
     counts: Tensor | None = field(default=None)
 
     @property
-    def num_bins(self) -> int:
+    def padding_bin(self) -> int:
+        """The bin of the padding triplets, after the loss's ``num_bins + 1`` margin bins."""
         return self.loss.num_bins + 1
 
     def chunks(self):
@@ -249,11 +250,11 @@ class _TripletBins:
 
     def bins(self, d_ap: Tensor, d_an: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         """The ``(chunk, P, M)`` margins of the anchors in ``rows`` and their bins; the
-        padding triplets go to an extra bin, ``num_bins``."""
+        padding triplets go to :attr:`padding_bin`."""
         margins = d_ap[rows].unsqueeze(2) - d_an[rows].unsqueeze(1)
         bins = self.loss._bins(margins)
         valid = self.pos_valid[rows].unsqueeze(2) & self.neg_valid[rows].unsqueeze(1)
-        return margins, bins.masked_fill_(~valid, self.num_bins)
+        return margins, bins.masked_fill_(~valid, self.padding_bin)
 
 
 class _AllTripletMarginSums(torch.autograd.Function):
@@ -263,7 +264,7 @@ class _AllTripletMarginSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, d_ap: Tensor, d_an: Tensor, triplets: _TripletBins) -> Tensor:
-        size = triplets.num_bins + 1  # with the padding bin
+        size = triplets.padding_bin + 1
         sums = torch.zeros(size, dtype=torch.float64, device=d_ap.device)
         counts = torch.zeros(size, dtype=torch.long, device=d_ap.device)
         for rows in triplets.chunks():
