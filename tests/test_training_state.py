@@ -185,6 +185,7 @@ def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("make_loss", [
     lambda: losses.CrossBatchMemory(losses.ContrastiveLoss(), 8, 256),
+    lambda: losses.DynamicSoftMarginLoss(momentum=0.5),   # its margin histogram, hist_
     _CountingLoss,
 ])
 @pytest.mark.parametrize("stage", ["validate", "test"])
