@@ -80,11 +80,15 @@ class TimmEncoder(_PretrainedEncoder):
         normalize: L2-normalise the embeddings.
         freeze_batchnorm: keep the backbone's BatchNorm layers in eval mode when training
             (running statistics stay those of the pretrained weights).
-        **timm_kwargs: passed to ``timm.create_model`` (``drop_rate``, ``in_chans``, ...).
+        in_chans: channels of the input images: 3 (RGB), 1 for grayscale (Fashion-MNIST,
+            X-rays). Pretrained RGB weights are adapted as timm adapts them (the first
+            convolution's kernels summed over the colour channels, ``adapt_input_conv``),
+            and ``.data_config``'s mean and std become the colour channels' averages.
+        **timm_kwargs: passed to ``timm.create_model`` (``drop_rate``, ...).
 
     Raises:
-        ValueError: an unknown model name (with close names), a bad ``embedding_size``,
-            weights in ``pretrained_path`` that do not fit the model.
+        ValueError: an unknown model name (with close names), a bad ``embedding_size`` or
+            ``in_chans``, weights in ``pretrained_path`` that do not fit the model.
         FileNotFoundError: ``pretrained_path`` is not a file.
     """
 
@@ -96,29 +100,37 @@ class TimmEncoder(_PretrainedEncoder):
         embedding_size: int | None = None,
         normalize: bool = False,
         freeze_batchnorm: bool = False,
+        in_chans: int = 3,
         **timm_kwargs: Any,
     ):
         super().__init__()
         import timm
 
         _check_timm_name(name)
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(
+                f"model.in_chans must be a positive number of channels, got {in_chans!r}")
         path = None if pretrained_path is None else Path(pretrained_path).expanduser()
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"pretrained_path={str(pretrained_path)!r} is not a file")
         self.backbone = timm.create_model(
-            name, pretrained=pretrained and path is None, num_classes=0, **timm_kwargs)
+            name, pretrained=pretrained and path is None, num_classes=0, in_chans=in_chans,
+            **timm_kwargs)
         if path is not None:
             load_timm_weights(self.backbone, path)
-        self.name, self.freeze_batchnorm = name, freeze_batchnorm
+        self.name, self.freeze_batchnorm, self.in_chans = name, freeze_batchnorm, in_chans
         self._make_head(self.backbone.num_features, embedding_size, normalize)
 
     @property
     def data_config(self) -> dict[str, Any]:
         """timm's resolved preprocessing: ``input_size`` (C, H, W), ``interpolation``,
-        ``mean``, ``std``, ``crop_pct``, ``crop_mode`` (``timm.data.resolve_model_data_config``)."""
+        ``mean``, ``std``, ``crop_pct``, ``crop_mode`` (``timm.data.resolve_model_data_config``),
+        with ``C = in_chans`` and, for other than 3 channels, ``mean`` and ``std`` the
+        averages of the pretrained ones (timm keeps its RGB values there)."""
         from timm.data import resolve_model_data_config
 
-        return resolve_model_data_config(self.backbone)
+        config = resolve_model_data_config(self.backbone)
+        return _with_channels(config, self.in_chans)
 
     def train(self, mode: bool = True) -> TimmEncoder:
         super().train(mode)
@@ -130,6 +142,31 @@ class TimmEncoder(_PretrainedEncoder):
         return self._finish(self.backbone(images))
 
 
+def _with_channels(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """A timm data config for ``in_chans`` input channels: its ``input_size`` says so, and
+    a ``mean`` / ``std`` of another length is replaced by its average, once a channel."""
+    config = dict(config, input_size=(in_chans, *config["input_size"][1:]))
+    for key in ("mean", "std"):
+        values = tuple(config[key])
+        if len(values) != in_chans:
+            config[key] = (sum(values) / len(values),) * in_chans
+    return config
+
+
+def _adapt_input_convs(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Pretrained first-convolution weights for another number of input channels (an RGB
+    file, a grayscale model): adapted in ``state`` as timm adapts downloaded ones."""
+    from timm.models import adapt_input_conv
+
+    first_convs = (model.pretrained_cfg or {}).get("first_conv") or ()
+    for name in (first_convs,) if isinstance(first_convs, str) else first_convs:
+        key = f"{name}.weight"
+        weight, wanted = state.get(key), model.state_dict().get(key)
+        if (weight is not None and wanted is not None and weight.ndim == 4
+                and weight.shape[1] != wanted.shape[1]):
+            state[key] = adapt_input_conv(wanted.shape[1], weight, base_chans=weight.shape[1])
+
+
 def load_timm_weights(model: nn.Module, path: str | Path) -> None:
     """Load a timm model's weights from a local file, checking that every key fits.
 
@@ -137,7 +174,9 @@ def load_timm_weights(model: nn.Module, path: str | Path) -> None:
     holding one under ``state_dict``/``model``, read by ``timm.models.load_state_dict``),
     or ``.npz`` (timm's ``model.load_pretrained``, for the models that have it). A
     classifier in the file that the model lacks (``num_classes=0``) is dropped, and so is a
-    ``backbone.`` prefix (a whole :class:`TimmEncoder`'s state dict).
+    ``backbone.`` prefix (a whole :class:`TimmEncoder`'s state dict). The first
+    convolution of a model with other input channels than the file's (``in_chans=1``,
+    RGB weights) is adapted by timm's ``adapt_input_conv``.
 
     Raises:
         ValueError: the file's weights do not fit the model (missing, unexpected or
@@ -158,6 +197,7 @@ def load_timm_weights(model: nn.Module, path: str | Path) -> None:
         for suffix in ("weight", "bias"):
             if f"{prefix}.{suffix}" not in expected:
                 state.pop(f"{prefix}.{suffix}", None)
+    _adapt_input_convs(model, state)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(k for k in set(state) & set(expected)

@@ -96,6 +96,33 @@ def test_a_whole_encoders_state_dict_loads_and_a_wrong_file_is_refused(tmp_path)
         TimmEncoder(TINY, pretrained_path=tmp_path / "other.pth")
 
 
+def test_rgb_weights_load_into_a_grayscale_encoder_as_the_same_function_of_gray_images(
+        tmp_path):
+    # timm's adapt_input_conv sums the first convolution over the colour channels: a gray
+    # image through the 1-channel model equals the same image in all three RGB channels
+    # through the RGB model
+    torch.manual_seed(0)
+    source = TimmEncoder(TINY, embedding_size=None).eval()
+    torch.save(source.backbone.state_dict(), tmp_path / "rgb.pth")
+    gray = TimmEncoder(TINY, pretrained_path=tmp_path / "rgb.pth", embedding_size=None,
+                       in_chans=1).eval()
+    assert gray.backbone.conv1[0].weight.shape[1] == 1
+    images = _images()[:, :1]
+    torch.testing.assert_close(gray(images), source(images.expand(-1, 3, -1, -1)))
+    config = gray.data_config
+    rgb = source.data_config
+    assert config["input_size"] == (1, *rgb["input_size"][1:])
+    assert config["mean"] == pytest.approx([sum(rgb["mean"]) / 3])
+    assert config["std"] == pytest.approx([sum(rgb["std"]) / 3])
+
+
+@pytest.mark.parametrize("in_chans", [0, 1.5])
+def test_a_bad_number_of_input_channels_names_the_setting(in_chans):
+    with pytest.raises(ValueError, match=rf"model.in_chans must be a positive number of "
+                                         rf"channels, got {in_chans}"):
+        TimmEncoder(TINY, in_chans=in_chans)
+
+
 def test_an_unknown_model_name_lists_close_names():
     with pytest.raises(ValueError, match=r"model.name='resnet181' is not a timm model.*resnet18"):
         TimmEncoder("resnet181")
