@@ -2,10 +2,15 @@
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, SHARED_DATA
+from hydra import compose, initialize_config_dir
+
+from lightning_metric import builders
 
 MARKER = "This example is run by the test suite"
 
@@ -61,3 +66,48 @@ def test_the_readme_bad_sweep_example_prints_what_the_readme_shows(tmp_path):
     printed = done.stderr.strip().splitlines()
     assert printed[-len(shown):] == shown
     assert not list(tmp_path.glob("*/checkpoints"))
+
+
+def readme_train_commands() -> list[str]:
+    """Every ``python -m recipes.train`` command in the README's bash blocks, its line
+    continuations joined, a trailing comment and pipe cut off."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].split(" | ")[0]
+            if "python -m recipes.train" in line:
+                commands.append(line.split("python -m recipes.train", 1)[1].strip())
+    return commands
+
+
+def train_overrides(command: str) -> list[str]:
+    """A command's overrides as ``compose`` takes them: a multirun's comma-separated sweep
+    by its first value; Hydra's own flags (``--cfg``) and a ``...`` placeholder dropped."""
+    words = shlex.split(command)
+    multirun = "-m" in words or "--multirun" in words
+    overrides = []
+    for word in words:
+        if word in ("-m", "--multirun", "..."):
+            continue
+        if word.startswith("--"):
+            break
+        key, _, value = word.partition("=")
+        if multirun and "," in value and not value.startswith(("[", "{")):
+            word = f"{key}={value.split(',')[0]}"
+        overrides.append(word)
+    return overrides
+
+
+def test_the_readme_shows_its_train_commands():
+    commands = readme_train_commands()
+    assert len(commands) >= 20
+    assert "loss=arcface data=fmnist" in commands
+
+
+@pytest.mark.parametrize("command", readme_train_commands())
+def test_every_train_command_in_the_readme_composes(command):
+    # a renamed setting or group would leave a README command that no longer runs
+    builders.register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=train_overrides(command))
+    assert cfg.data and cfg.loss and cfg.model
