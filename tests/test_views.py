@@ -3,10 +3,11 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 from hydra import compose, initialize_config_dir
 from torchvision.transforms import v2
 
+from benchmarks.self_supervised import simclr_overrides
 from lightning_metric import builders, losses
 from lightning_metric.data import DigitsDataModule
 from lightning_metric.data.views import MultiViewDataset, collate_views
@@ -118,25 +119,15 @@ def test_a_two_view_loss_on_labelled_batches_says_it_needs_views():
 
 
 # -- SimCLR-style training without class labels, through the recipe's config ---------------
-
-SIMCLR_FMNIST = [
-    "data=fmnist", f"data.data_dir={SHARED_DATA / 'fashion-mnist'}", "data.download=false",
-    "data.views=2", "loss=ntxent", "data.batch_size=256", "data.subset=10240",
-    # a globally pooled ResNet (timm's 0.4M-parameter test model) on 1-channel images
-    "model=timm", "model.name=test_resnet", "model.in_chans=1",
-    "transform=default", "transform.image_size=28", "transform.mean=[0]", "transform.std=[1]",
-    "transform.scale=[0.5,1]",
-    "logger=none", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "data.num_workers=0",
-    "trainer.max_epochs=-1", "+trainer.max_steps=40", "+trainer.num_sanity_val_steps=0",
-    "+trainer.check_val_every_n_epoch=1000", "~callbacks.model_checkpoint",
-    "~callbacks.embedding_plot", "~callbacks.retrieval_pictures", "~callbacks.throughput"]
+# (the benchmark's settings: data=fmnist data.views=2 loss=ntxent, a timm ResNet on
+# 1-channel images, transform=default with crops of 50-100%; 128 images a batch)
 
 
 def test_two_view_ntxent_without_labels_raises_the_test_precision_at_1_of_the_encoder(tmp_path):
     builders.register_resolvers()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*SIMCLR_FMNIST, f"trainer.default_root_dir={tmp_path}"])
+        cfg = compose("train", overrides=[*simclr_overrides("test_resnet", 40, 10240, seed=0),
+                                          f"trainer.default_root_dir={tmp_path}"])
     datamodule, module, trainer = builders.build_run(cfg)
     recorder = BatchLabels()
     trainer.callbacks.append(recorder)
