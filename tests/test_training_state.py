@@ -69,20 +69,27 @@ def test_a_users_own_dataloader_with_our_batch_sampler_reshuffles(make_sampler):
     assert sorted(map(sorted, epochs[1])) != sorted(map(sorted, epochs[0]))
 
 
-@pytest.mark.parametrize("sampler", ["random", "class"])
-def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(sampler, tmp_path):
-    whole = _fit_recording(DigitsDataModule(sampler=sampler))
+# no_duplicates: no digit twice in a batch (and an epoch of batches must hold the
+# largest class, 132 digits, once a batch)
+RESUMED_SAMPLERS = [{"sampler": "random"}, {"sampler": "class"},
+                    {"sampler": "no_duplicates", "batch_size": 8}]
+
+
+@pytest.mark.parametrize("settings", RESUMED_SAMPLERS, ids=lambda s: s["sampler"])
+def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(settings, tmp_path):
+    whole = _fit_recording(DigitsDataModule(**settings))
     checkpoint = BestAndLastCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
     pl.seed_everything(0)
     first = MetricLearningModule(MLP(64, 8), losses.TripletMarginLoss())
     _trainer(max_epochs=2, limit_val_batches=0, enable_checkpointing=True,
-             callbacks=[checkpoint]).fit(first, datamodule=DigitsDataModule(sampler=sampler))
+             callbacks=[checkpoint]).fit(first, datamodule=DigitsDataModule(**settings))
     recorder = BatchRecorder()
     resumed = MetricLearningModule(MLP(64, 8), losses.TripletMarginLoss())
     _trainer(max_epochs=3, limit_val_batches=0, callbacks=[recorder]).fit(
-        resumed, datamodule=DigitsDataModule(sampler=sampler), ckpt_path=tmp_path / "last.ckpt")
+        resumed, datamodule=DigitsDataModule(**settings), ckpt_path=tmp_path / "last.ckpt")
     assert list(recorder.epochs) == [2]
     assert recorder.epochs[2] == whole[2]
+    assert whole[2] != whole[1]  # the epoch's own batches, not a repeat of the last ones
 
 
 def test_set_epoch_rejects_a_bad_epoch():
