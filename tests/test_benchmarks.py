@@ -8,6 +8,7 @@ import sys
 import torch
 from conftest import REPO, SHARED_DATA
 
+from benchmarks import self_supervised
 from benchmarks._measure import measure
 
 
@@ -45,15 +46,15 @@ def test_data_throughput_runs_both_sides_and_prints_the_table():
     assert all(float(cell) > 0 for cell in cells[-3:]), row
 
 
-def test_self_supervised_benchmark_tests_each_encoder_before_and_after_training():
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.self_supervised", "--encoders", "test_resnet",
-         "--steps", "3", "--subset", "768"],
-        cwd=REPO, env={**os.environ, "LIGHTNING_METRIC_DATA": str(SHARED_DATA)},
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+def test_self_supervised_benchmark_tests_each_encoder_before_and_after_training(monkeypatch,
+                                                                              capsys):
+    # in this process: the benchmark builds its runs in-process anyway, and a new one
+    # would pay the imports again (it reads the data where conftest does)
+    assert self_supervised.DATA == SHARED_DATA
+    monkeypatch.setattr(sys, "argv", ["self_supervised", "--encoders", "test_resnet",
+                                      "--steps", "3", "--subset", "768"])
+    self_supervised.main()
+    lines = capsys.readouterr().out.splitlines()
     pixels = next(line for line in lines if line.startswith("| raw pixels |"))
     assert 0.5 < float(pixels.strip("|").split("|")[3]) < 1, pixels
     row = next(line for line in lines if line.startswith("| test_resnet | 0 | 3 |"))
