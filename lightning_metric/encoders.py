@@ -47,6 +47,8 @@ class SmallCNN(_Embedder):
             of 4; at ``forward`` for inputs of another shape.
     """
 
+    in_chans = 1  # one grey channel in (the transforms convert RGB image files to it)
+
     def __init__(
         self,
         embedding_size: int = 128,

@@ -5,7 +5,8 @@ flip, colour jitter) and an evaluation pipeline (resize to ``image_size / crop_f
 centre crop), both ending in ``ToDtype(float32, scale=True)`` and ``Normalize``. Their
 size, mean, std, interpolation and crop fraction default to the backbone's pretrained
 config (timm's ``resolve_model_data_config``), so a pretrained model sees images as it
-was trained on them; every one can be overridden. The inputs are uint8 images ``(C, H,
+was trained on them, and both first convert the image to the encoder's channels
+(grayscale or RGB); every one can be overridden. The inputs are uint8 images ``(C, H,
 W)`` as ``torchvision.io.decode_image`` gives them (PIL images work too); the outputs
 are float32 ``(C, image_size, image_size)``.
 
@@ -46,6 +47,10 @@ class TransformSettings:
         hflip: probability of a horizontal flip.
         color_jitter: brightness, contrast and saturation strength (one number), or
             ``[brightness, contrast, saturation, hue]``; 0 or None: none.
+        channels: of the output: 1 (``v2.Grayscale``) or 3 (``v2.RGB``, a grey channel
+            repeated); None: the encoder's (its pretrained config's ``input_size``, else
+            its ``in_chans``: 1 for ``SmallCNN``), else the image's own. Image files are
+            read as RGB, so a grayscale encoder needs it.
     """
 
     augment: bool = True
@@ -58,6 +63,7 @@ class TransformSettings:
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
     color_jitter: float | list[float] | None = 0.4
+    channels: int | None = None
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any] | None) -> TransformSettings:
@@ -106,10 +112,13 @@ class _Resolved:
     std: list[float]
     interpolation: InterpolationMode
     crop_fraction: float
+    channels: int | None
 
 
-def _resolve(settings: TransformSettings, pretrained: dict[str, Any] | None) -> _Resolved:
-    """Each setting from the config, else the backbone's pretrained config."""
+def _resolve(settings: TransformSettings, pretrained: dict[str, Any] | None,
+             encoder_channels: int | None = None) -> _Resolved:
+    """Each setting from the config, else the backbone's pretrained config (the channels,
+    else the encoder's ``in_chans``)."""
     pretrained = pretrained or {}
     missing = [key for key, theirs in (("image_size", "input_size"), ("mean", "mean"),
                                         ("std", "std"))
@@ -126,7 +135,11 @@ def _resolve(settings: TransformSettings, pretrained: dict[str, Any] | None) -> 
     interpolation = settings.interpolation or pretrained.get("interpolation", "bicubic")
     crop = settings.crop_fraction
     crop = pretrained.get("crop_pct", 0.875) if crop is None else crop
-    return _Resolved(_size(size), mean, std, _interpolation(interpolation), _crop(crop))
+    channels = settings.channels
+    if channels is None:
+        channels = pretrained["input_size"][0] if "input_size" in pretrained else encoder_channels
+    return _Resolved(_size(size), mean, std, _interpolation(interpolation), _crop(crop),
+                     _channels(channels))
 
 
 def _size(size: int | Sequence[int]) -> tuple[int, int]:
@@ -152,6 +165,23 @@ def _crop(fraction: float) -> float:
     return float(fraction)
 
 
+CHANNEL_STEPS = {1: lambda: v2.Grayscale(1), 3: v2.RGB}
+
+
+def _channels(channels: int | None) -> int | None:
+    if channels not in (None, *CHANNEL_STEPS):
+        raise ValueError(f"transform.channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return channels
+
+
+def _as_image(resolved: _Resolved) -> list[v2.Transform]:
+    """``ToImage``, then to the resolved number of channels (none: the image's own)."""
+    steps: list[v2.Transform] = [v2.ToImage()]
+    if resolved.channels is not None:
+        steps.append(CHANNEL_STEPS[resolved.channels]())
+    return steps
+
+
 def _check_augmentation(settings: TransformSettings) -> None:
     low, high = settings.scale
     if not 0 < low <= high <= 1:
@@ -172,12 +202,12 @@ def _normalized(resolved: _Resolved) -> list[v2.Transform]:
 
 def eval_transform(resolved: _Resolved) -> v2.Compose:
     """Resize to ``size / crop_fraction`` (the shorter side for square outputs, as timm),
-    centre crop, scale to [0, 1], normalise."""
+    centre crop, scale to [0, 1], normalise (after the conversion to the channels)."""
     height, width = resolved.size
     resize = [math.floor(s / resolved.crop_fraction) for s in resolved.size]
     resize_to = resize[0] if height == width else resize
     return v2.Compose([
-        v2.ToImage(),
+        *_as_image(resolved),
         v2.Resize(resize_to, interpolation=resolved.interpolation, antialias=True),
         v2.CenterCrop(resolved.size),
         *_normalized(resolved),
@@ -185,10 +215,11 @@ def eval_transform(resolved: _Resolved) -> v2.Compose:
 
 
 def train_transform(resolved: _Resolved, settings: TransformSettings) -> v2.Compose:
-    """Random resized crop, horizontal flip, colour jitter, scale to [0, 1], normalise."""
+    """Random resized crop, horizontal flip, colour jitter, scale to [0, 1], normalise (after
+    the conversion to the channels)."""
     _check_augmentation(settings)
     steps: list[v2.Transform] = [
-        v2.ToImage(),
+        *_as_image(resolved),
         v2.RandomResizedCrop(resolved.size, scale=tuple(settings.scale),
                              ratio=tuple(settings.ratio),
                              interpolation=resolved.interpolation, antialias=True),
@@ -236,7 +267,8 @@ def build_transforms(
     """
     if not isinstance(settings, TransformSettings):
         settings = TransformSettings.from_mapping(settings)
-    resolved = _resolve(settings, pretrained_data_config(encoder))
+    resolved = _resolve(settings, pretrained_data_config(encoder),
+                        getattr(encoder, "in_chans", None))
     evaluation = eval_transform(resolved)
     if not settings.augment:
         return evaluation, evaluation

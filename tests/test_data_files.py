@@ -514,14 +514,16 @@ def test_the_image_folder_config_trains_with_a_class_weight_loss(flat, tmp_path)
     # comes with data=image_folder, sized here for small_cnn (no pretrained config)
     cfg = _compose("data=image_folder", f"data.root={flat[0]}", "data.image_size=8",
                    "loss=arcface", "sampler=class", "transform.image_size=8",
-                   "transform.mean=[0,0,0]", "transform.std=[1,1,1]",
+                   "transform.mean=[0]", "transform.std=[1]",
                    f"trainer.default_root_dir={tmp_path}")
     assert cfg.data.num_classes == 4 and cfg.transform.augment
     datamodule, module, trainer = builders.build_run(cfg)
     assert isinstance(datamodule, ImageFolderDataModule) and module.loss.num_classes == 4
     assert datamodule.num_workers == 0 and datamodule.image_size == 8
-    # small_cnn's input is one grey channel: take the red one, in [0, 1]
-    datamodule.train_transform = datamodule.eval_transform = lambda image: image[:1] / 255.0
+    # the RGB files become small_cnn's one grey channel in the config's own transforms
+    datamodule.setup("fit")
+    first_batch = next(iter(datamodule.train_dataloader()))[0]
+    assert first_batch.shape[1:] == (1, 8, 8)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2
     checkpoint = tmp_path / "last.ckpt"

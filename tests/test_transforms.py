@@ -108,6 +108,26 @@ def test_an_encoder_without_a_pretrained_config_needs_size_mean_and_std():
         build_transforms({"image_size": 28, "mean": [0.5]}, SmallCNN())
 
 
+def test_images_become_the_encoders_channels(resnet18):
+    fixed = {"image_size": 20, "crop_fraction": 1.0, "mean": [0.0], "std": [1.0]}
+    photo = _photo(20, 20)
+    # an RGB photo (image files are read as RGB) for the one-channel SmallCNN: its luma,
+    # ITU-R 601-2 as torchvision and PIL compute it, to a uint8 level
+    train, evaluation = build_transforms(fixed, SmallCNN())
+    assert train(photo).shape == (1, 20, 20)
+    luma = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * photo).sum(0) / 255
+    torch.testing.assert_close(evaluation(photo), luma[None], atol=1 / 255 + 1e-4, rtol=0)
+    # a grey image for an RGB backbone: the grey channel three times
+    rgb = build_transforms(fixed, resnet18)[1](photo[:1])
+    assert rgb.shape == (3, 20, 20) and torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])
+    # a timm backbone made for grey images (model.in_chans=1)
+    gray_resnet = TimmEncoder("resnet18", in_chans=1)
+    assert build_transforms(fixed, gray_resnet)[0](photo).shape == (1, 20, 20)
+    # the setting wins over the encoder; without an encoder the image keeps its own
+    assert build_transforms({**fixed, "channels": 3}, SmallCNN())[1](photo[:1]).shape[0] == 3
+    assert build_transforms(fixed, None)[1](photo).shape[0] == 3
+
+
 @pytest.mark.parametrize(("setting", "message"), [
     ({"imagesize": 32}, r"unknown transform setting\(s\) \['transform.imagesize'\]"),
     ({"interpolation": "cubic"}, "transform.interpolation must be one of"),
@@ -116,6 +136,7 @@ def test_an_encoder_without_a_pretrained_config_needs_size_mean_and_std():
     ({"scale": [0.5, 0.1]}, "transform.scale must be"),
     ({"color_jitter": [0.1, 0.2]}, "transform.color_jitter must be"),
     ({"mean": [0.5, 0.5], "std": [0.5]}, "differ in length"),
+    ({"channels": 2}, r"transform.channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
 ])
 def test_bad_settings_name_themselves(setting, message):
     with pytest.raises(ValueError, match=message):
