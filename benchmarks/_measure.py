@@ -10,6 +10,7 @@ before the measured calls.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -59,6 +60,9 @@ def measure(step: Callable[[], None], device: str, min_runs: int = 3, budget_s: 
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
+        # garbage of earlier work (reference cycles: a Trainer, its data), freed by a
+        # collection in the middle of the runs, would lower the RSS under what they hold
+        gc.collect()
         base = current_rss_mb()
         step()
         if reset_peak_rss():
