@@ -59,11 +59,15 @@ def simclr_overrides(encoder: str, steps: int, subset: int | None, seed: int) ->
         f"seed={seed}", *([f"data.subset={subset}"] if subset else []), *QUIET]
 
 
-def before_and_after(overrides: list[str], run_dir: str) -> tuple[dict, dict, int, float]:
-    """Test metrics of the untrained and the trained encoder, the steps run, the seconds."""
+def build(overrides: list[str], run_dir: str):
+    """The recipe's ``(datamodule, module, trainer)`` for ``overrides``."""
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, f"trainer.default_root_dir={run_dir}"])
-    datamodule, module, trainer = builders.build_run(cfg)
+    return builders.build_run(cfg)
+
+
+def before_and_after(datamodule, module, trainer) -> tuple[dict, dict, int, float]:
+    """Test metrics of the untrained and the trained encoder, the steps run, the seconds."""
     before = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -72,17 +76,11 @@ def before_and_after(overrides: list[str], run_dir: str) -> tuple[dict, dict, in
     return before, after, trainer.global_step, seconds
 
 
-def pixel_metrics(run_dir: str) -> dict[str, float]:
-    """The test images' raw pixels as embeddings, scored by the same ruler."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*simclr_overrides("small_cnn", 1, None, 0),
-                                          f"trainer.default_root_dir={run_dir}"])
-    datamodule, _, _ = builders.build_run(cfg)
-    datamodule.setup("test")
-    images, labels = zip(*(datamodule.test_set[i] for i in range(len(datamodule.test_set))),
-                         strict=True)
-    pixels = torch.stack(images).flatten(1)
-    return retrieval_metrics(pixels, torch.as_tensor(labels), include=METRICS)
+def pixel_metrics(datamodule) -> dict[str, float]:
+    """A tested run's test images' raw pixels as embeddings, scored by the same ruler (the
+    in-memory Fashion-MNIST test set: a ``TensorDataset``, the same whatever the encoder)."""
+    images, labels = datamodule.test_set.tensors
+    return retrieval_metrics(images.flatten(1), labels, include=METRICS)
 
 
 def main() -> None:
@@ -99,16 +97,17 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="pytorch_lightning")
     builders.register_resolvers()
     run_dir = str(REPO / "outputs" / "benchmarks" / "self_supervised")
-    pixels = pixel_metrics(run_dir)
-    print(f"pixels: P@1 {pixels['precision_at_1']:.4f}, "
-          f"MAP@R {pixels['mean_average_precision_at_r']:.4f}", flush=True)
-    rows = []
+    pixels, rows = None, []
     for encoder in args.encoders:
         for seed in args.seeds:
-            before, after, steps, seconds = before_and_after(
-                simclr_overrides(encoder, args.steps, args.subset, seed), run_dir)
+            run = build(simclr_overrides(encoder, args.steps, args.subset, seed), run_dir)
+            before, after, steps, seconds = before_and_after(*run)
             rows.append((encoder, seed, steps, before, after, seconds))
             print(f"{encoder} seed {seed}: {steps} steps in {seconds:.0f} s", flush=True)
+            if pixels is None:  # the test set every run tests on
+                pixels = pixel_metrics(run[0])
+                print(f"pixels: P@1 {pixels['precision_at_1']:.4f}, "
+                      f"MAP@R {pixels['mean_average_precision_at_r']:.4f}", flush=True)
     print("\n| encoder | seed | steps | P@1 untrained | P@1 trained | MAP@R untrained "
           "| MAP@R trained | training s |")
     print("|---|---|---|---|---|---|---|---|")
