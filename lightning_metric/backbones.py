@@ -153,15 +153,17 @@ def _with_channels(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
     return config
 
 
-def _adapt_input_convs(model: nn.Module, state: dict[str, Tensor]) -> None:
+def _adapt_input_convs(model: nn.Module, state: dict[str, Tensor],
+                       expected: dict[str, Tensor]) -> None:
     """Pretrained first-convolution weights for another number of input channels (an RGB
-    file, a grayscale model): adapted in ``state`` as timm adapts downloaded ones."""
+    file, a grayscale model): adapted in ``state`` to ``expected`` (the model's own state
+    dict) as timm adapts downloaded ones."""
     from timm.models import adapt_input_conv
 
     first_convs = (model.pretrained_cfg or {}).get("first_conv") or ()
     for name in (first_convs,) if isinstance(first_convs, str) else first_convs:
         key = f"{name}.weight"
-        weight, wanted = state.get(key), model.state_dict().get(key)
+        weight, wanted = state.get(key), expected.get(key)
         if (weight is not None and wanted is not None and weight.ndim == 4
                 and weight.shape[1] != wanted.shape[1]):
             state[key] = adapt_input_conv(wanted.shape[1], weight, base_chans=weight.shape[1])
@@ -197,7 +199,7 @@ def load_timm_weights(model: nn.Module, path: str | Path) -> None:
         for suffix in ("weight", "bias"):
             if f"{prefix}.{suffix}" not in expected:
                 state.pop(f"{prefix}.{suffix}", None)
-    _adapt_input_convs(model, state)
+    _adapt_input_convs(model, state, expected)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(k for k in set(state) & set(expected)
